@@ -1,0 +1,127 @@
+"""``diet-ray <verb> -c config.yaml key=value ...``.
+
+User errors (``DietRayError``) print one line and exit 2; ``--verbose`` shows tracebacks,
+DEBUG logs and Ray Data progress bars.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+from diet_ray.errors import DietRayError
+
+log = logging.getLogger("diet_ray")
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("-c", "--config", default=None, help="YAML config (defaults: embedded synthetic stream)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=3 data.stages.count=8")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks, debug logs, Ray progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diet-ray", description="Continual dataset distillation for CTR models on Ray.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("prepare", help="read raw logs, label, split into stages, encode")
+    _common(s)
+    s = sub.add_parser("run", help="distill every stage end to end (resumes after the last committed stage)")
+    _common(s)
+    s = sub.add_parser("evaluate", help="train candidates on history, test on the next stage")
+    _common(s)
+    s = sub.add_parser("influence", help="score one stage's rows and write them as Parquet")
+    _common(s)
+    s.add_argument("--stage", type=int, required=True)
+    s = sub.add_parser("synth", help="write the synthetic drifting stream as Parquet")
+    _common(s)
+    s.add_argument("--out", required=True)
+    s.add_argument("--rows", type=int, default=None)
+    s = sub.add_parser("export", help="export a stage's memory (soft or hard rows)")
+    s.add_argument("run_dir")
+    s.add_argument("--stage", type=int, required=True)
+    s.add_argument("--format", choices=["soft", "hard"], default="hard")
+    s.add_argument("--out", required=True)
+    _common(s, config=False)
+    s = sub.add_parser("bench", help="benchmarks: JSON + a printed table")
+    s.add_argument("what", choices=["influence", "prepare", "bilevel"])
+    s.add_argument("--out", required=True)
+    s.add_argument("--rows", type=int, default=None)
+    _common(s)
+    s = sub.add_parser("report", help="(re)draw plots for a run or bench directory")
+    s.add_argument("dir")
+    _common(s, config=False)
+    return p
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("ray", "urllib3", "botocore", "s3fs", "aiobotocore", "fsspec", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    from diet_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides) if hasattr(args, "overrides") else None
+    verb = args.verb
+    if verb == "prepare":
+        from diet_ray.data.prepare import prepare
+
+        stats = prepare(cfg)
+        print(json.dumps({k: stats[k] for k in ("rows_in", "rows_accepted", "rows_rejected")}))
+    elif verb == "synth":
+        from diet_ray.data.synthetic import write_synthetic
+
+        write_synthetic(cfg.data.source, args.out, rows=args.rows, seed=cfg.seed)
+    elif verb == "evaluate":
+        from diet_ray.evaluate.runner import evaluate
+
+        evaluate(cfg, verbose=args.verbose)
+    elif verb == "influence":
+        from diet_ray.influence.runner import influence_stage
+
+        influence_stage(cfg, args.stage, verbose=args.verbose)
+    elif verb == "run":
+        from diet_ray.distill.pipeline import run
+
+        run(cfg, verbose=args.verbose)
+    elif verb == "export":
+        from diet_ray.memory.export import export
+
+        export(args.run_dir, args.stage, args.format, args.out)
+    elif verb == "bench":
+        from diet_ray.bench import run_bench
+
+        run_bench(args.what, cfg, args.out, rows=args.rows, verbose=args.verbose)
+    elif verb == "report":
+        from diet_ray.evaluate.report import report
+
+        report(args.dir)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return dispatch(args)
+    except DietRayError as e:
+        if args.verbose:
+            raise
+        print(f"diet-ray {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"diet-ray {args.verb}: interrupted; committed stages are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""Typed configuration: OmegaConf structured dataclasses, YAML + dotlist overrides, a config hash.
+
+Every section has defaults, so a config with only a ``data`` section (or none: the embedded
+synthetic stream) runs every verb. Unknown keys and wrong types are ``ConfigError`` with the
+closest valid key suggested.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from diet_ray.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------- data
+
+SYNTHETIC_DEFAULT = "synthetic://default"
+
+
+@dataclass
+class StagesConfig:
+    by: str = "rows"  # rows: equal row-count quantiles of time | time: calendar windows
+    count: int = 6  # by=rows
+    every: str = "1d"  # by=time: <int><s|m|h|d|w>
+    offset: str = "0s"  # by=time: shift of window boundaries from the unix epoch (e.g. -8h for UTC+8 days)
+
+
+@dataclass
+class JoinConfig:
+    """A side table joined onto the log by key before label and schema are applied."""
+
+    source: str = ""
+    on: str = ""
+    format: str = "auto"
+    delimiter: str = ","
+    columns: Optional[List[str]] = None
+    select: Optional[List[str]] = None
+
+
+@dataclass
+class DeriveConfig:
+    """A column derived from a raw column: ``split_first`` (arg = separator) or ``regex`` (arg = pattern with one group)."""
+
+    name: str = ""
+    column: str = ""
+    op: str = "split_first"
+    arg: str = "|"
+
+
+@dataclass
+class DataConfig:
+    source: str = SYNTHETIC_DEFAULT
+    format: str = "auto"  # auto | csv | parquet
+    columns: Optional[List[str]] = None  # for headerless CSV
+    delimiter: str = ","
+    label: str = "click == 1"
+    timestamp: str = "ts"
+    categorical: List[str] = field(
+        default_factory=lambda: ["user", "item", "category", "brand", "city", "device", "hour"]
+    )
+    numeric: List[str] = field(default_factory=lambda: ["price", "user_activity"])
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    joins: List[JoinConfig] = field(default_factory=list)
+    derive: List[DeriveConfig] = field(default_factory=list)
+    max_reject_frac: float = 0.01
+    min_count: int = 1  # values seen fewer times in a stage than this are left OOV
+    # Rows per chunk when reading or generating; bounds prepare's per-chunk memory.
+    chunk_rows: int = 500_000
+
+
+@dataclass
+class IOConfig:
+    """Object-store options. Credentials come only from the standard AWS env/profile chain."""
+
+    endpoint_url: Optional[str] = None  # S3-compatible stores (MinIO, moto, ...); AWS_ENDPOINT_URL also works
+    region: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/quickstart"
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: local ray.init; "auto" or ray://...: existing cluster
+    num_workers: int = 2
+    use_gpu: bool = False
+    num_cpus: Optional[int] = None  # local mode only; None = all cores
+    max_failures: int = 1  # Ray Train FailureConfig
+
+
+# --------------------------------------------------------------------------------- models
+
+
+@dataclass
+class TrainConfig:
+    """The candidate-training protocol; identical for every data variant (fair comparison)."""
+
+    epochs: int = 1
+    batch_size: int = 1024
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | adagrad | sgd
+
+
+@dataclass
+class ExpertConfig:
+    """The stream model trained continually: one pass per stage, warm-started."""
+
+    model: Dict[str, Any] = field(default_factory=lambda: {"model": "dnn", "embed_dim": 16, "hidden": [64, 32]})
+    lr: float = 2e-3
+    batch_size: int = 512
+    checkpoints_per_stage: int = 4
+    holdout_frac: float = 0.1  # newest part of each stage: reference gradient for influence
+
+
+# ------------------------------------------------------------------------------ influence
+
+
+@dataclass
+class InfluenceConfig:
+    estimator: str = "tracin"  # tracin | grad_norm | loss | random
+    num_actors: int = 2
+    gpus_per_actor: float = 0.0
+    batch_size: int = 8192  # rows per Ray Data batch handed to an actor
+    micro_batch: int = 2048  # rows per vmap call (bounds memory)
+    projection_dim: int = 0  # >0: seeded random projection of large dense parameters
+    projection_min_params: int = 65536  # parameters above this size are projected
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class MemoryConfig:
+    ratio: float = 0.01
+    max_slots: Optional[int] = None
+    support_k: int = 4
+    init_logit: float = 4.0
+    temperature: float = 1.0
+    replace_frac: float = 0.1
+    refine_frac: float = 0.1
+    label_tolerance: float = 0.05
+    init: str = "influence"  # influence | random (ablation)
+    addressing: bool = True  # False: refine every slot (ablation)
+    growth: bool = True  # False: capacity fixed at C_1 (ablation)
+
+
+@dataclass
+class DistillConfig:
+    objective: str = "trajectory"  # trajectory | gradient
+    outer_steps: int = 30
+    outer_lr: float = 0.05
+    inner_steps: int = 10
+    unroll: int = 5
+    inner_lr: float = 0.05
+    learn_inner_lr: bool = False
+    memory_batch: int = 256
+    real_batch: int = 1024
+    real_loss_weight: float = 0.1  # lambda
+
+
+# ------------------------------------------------------------------------------- evaluate
+
+
+def default_candidates() -> List[Dict[str, Any]]:
+    """A zoo spread over architectures, widths and learning rates so full-data AUCs differ."""
+    return [
+        {"model": "lr", "lr": 0.01},
+        {"model": "fm", "embed_dim": 8},
+        {"model": "dnn", "embed_dim": 16, "hidden": [64, 32]},
+        {"model": "widedeep", "embed_dim": 16, "hidden": [64, 32]},
+        {"model": "deepfm", "embed_dim": 16, "hidden": [64, 32]},
+        {"model": "dcnv2", "embed_dim": 16, "cross_layers": 2, "hidden": [64]},
+        {"model": "autoint", "embed_dim": 16, "attn_layers": 2, "heads": 2},
+    ]
+
+
+@dataclass
+class EvaluateConfig:
+    candidates: List[Any] = field(default_factory=default_candidates)
+    stages: Optional[List[int]] = None  # train on history up to t, test on t+1; default: last t
+    variants: List[str] = field(default_factory=lambda: ["full"])  # full | memory (the run's memory at t)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: bool = True  # candidates as Ray tasks
+
+
+@dataclass
+class BenchConfig:
+    stage_rows: int = 200_000  # synthetic rows for the influence pipeline bench
+    actors: List[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+# Keys whose change changes a run's result; a resume with a different value is refused.
+# (run.dir, ray.*, evaluate.*, bench.* and io.* do not change the committed memory.)
+RESULT_SECTIONS = ("data", "seed", "expert", "influence", "memory", "distill")
+
+
+# --------------------------------------------------------------------------------- loading
+
+
+def _all_keys(node: Any, prefix: str = "") -> List[str]:
+    keys: List[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            try:
+                child = node._get_node(k)
+            except Exception:
+                child = None
+            if isinstance(child, DictConfig):
+                keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _suggest(bad: str, schema: DictConfig) -> str:
+    keys = _all_keys(schema)
+    match = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
+    if not match:
+        leaf = bad.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        m = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        match = [leaves[m[0]]] if m else []
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        return ConfigError(f"{origin}: unknown config key '{key}'.{_suggest(key, schema)}")
+    return ConfigError(f"{origin}: bad value for '{key}': {msg}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Load defaults <- YAML file <- ``key=value`` overrides, validated against the schema."""
+    schema = OmegaConf.structured(Config)
+    cfg = schema
+    if path:
+        try:
+            file_cfg = OmegaConf.load(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}. Pass an existing YAML file with -c.")
+        except Exception as e:  # yaml syntax
+            raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}")
+        try:
+            cfg = OmegaConf.merge(cfg, file_cfg)
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, path)
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not key=value (e.g. seed=3 or data.stages.count=8)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, schema, f"override '{ov}'")
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e, schema, path or "config")
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Checks beyond types: enumerations and ranges, each naming its key."""
+
+    def one_of(key: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            m = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" Did you mean '{m[0]}'?" if m else ""
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}.{hint}")
+
+    def in_range(key: str, value: float, lo: float, hi: float) -> None:
+        if not (lo <= value <= hi):
+            raise ConfigError(f"{key}={value} is out of range [{lo}, {hi}]")
+
+    one_of("data.format", cfg.data.format, ("auto", "csv", "parquet"))
+    one_of("data.stages.by", cfg.data.stages.by, ("rows", "time"))
+    if cfg.data.stages.by == "rows" and cfg.data.stages.count < 2:
+        raise ConfigError("data.stages.count must be >= 2 (train on stage t, test on t+1)")
+    in_range("data.max_reject_frac", cfg.data.max_reject_frac, 0.0, 1.0)
+    for d in cfg.data.derive:
+        one_of("data.derive[].op", d.op, ("split_first", "regex"))
+    one_of("influence.estimator", cfg.influence.estimator, ("tracin", "grad_norm", "loss", "random"))
+    one_of("distill.objective", cfg.distill.objective, ("trajectory", "gradient"))
+    one_of("memory.init", cfg.memory.init, ("influence", "random"))
+    one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, ("adam", "adagrad", "sgd"))
+    in_range("memory.ratio", cfg.memory.ratio, 1e-6, 1.0)
+    in_range("memory.replace_frac", cfg.memory.replace_frac, 0.0, 1.0)
+    in_range("memory.refine_frac", cfg.memory.refine_frac, 0.0, 1.0)
+    in_range("expert.holdout_frac", cfg.expert.holdout_frac, 0.01, 0.5)
+    if cfg.distill.unroll < 1 or cfg.distill.unroll > cfg.distill.inner_steps:
+        raise ConfigError(
+            f"distill.unroll={cfg.distill.unroll} must be in [1, distill.inner_steps={cfg.distill.inner_steps}]"
+        )
+    if cfg.ray.num_workers < 1:
+        raise ConfigError("ray.num_workers must be >= 1")
+    for v in cfg.evaluate.variants:
+        one_of("evaluate.variants[]", v, ("full", "memory"))
+    for i, cand in enumerate(cfg.evaluate.candidates):
+        if not isinstance(cand, dict) or "model" not in cand:
+            raise ConfigError(f"evaluate.candidates[{i}] must be a mapping with a 'model' key, got {cand!r}")
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def result_keys(cfg: Config) -> Dict[str, Any]:
+    """The flattened result-affecting part of the config."""
+    d = to_dict(cfg)
+    return {k: v for k, v in _flatten({s: d[s] for s in RESULT_SECTIONS}).items()}
+
+
+def config_hash(cfg: Config) -> str:
+    blob = json.dumps(result_keys(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_result_keys(saved: Dict[str, Any], cfg: Config) -> List[str]:
+    """Result-affecting keys whose value differs between a saved resolved config and ``cfg``."""
+    now = result_keys(cfg)
+    before = {k: v for k, v in _flatten({s: saved.get(s) for s in RESULT_SECTIONS}).items()}
+    keys = sorted(set(now) | set(before))
+    return [k for k in keys if now.get(k) != before.get(k)]
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """One seed for everything: stage, actor and worker seeds derive from it deterministically."""
+    h = hashlib.sha256(json.dumps([seed, *parts], default=str).encode()).digest()
+    return int.from_bytes(h[:4], "little")

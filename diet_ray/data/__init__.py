@@ -1,0 +1,1 @@
+"""Data path: filesystem, feature map, prepare, stage store, synthetic stream."""

@@ -1,0 +1,111 @@
+"""Reading prepared, stage-partitioned encoded data (``prepared/stage=NNNN/part-*.parquet``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from diet_ray.data import fs
+from diet_ray.data.feature_map import FeatureMap
+from diet_ray.errors import DataError
+
+
+def prepared_dir(run_dir: str) -> str:
+    return fs.join(run_dir, "prepared")
+
+
+def stage_dir(prepared: str, stage: int) -> str:
+    return fs.join(prepared, f"stage={stage:04d}")
+
+
+@dataclass
+class EncodedRows:
+    """Encoded rows as numpy arrays (hard inputs)."""
+
+    cat: np.ndarray  # [N, F] int64
+    num: np.ndarray  # [N, Nn] float32
+    label: np.ndarray  # [N] float32
+    ts: np.ndarray  # [N] int64
+    row_id: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def take(self, idx: np.ndarray) -> "EncodedRows":
+        return EncodedRows(self.cat[idx], self.num[idx], self.label[idx], self.ts[idx], self.row_id[idx])
+
+    def slice(self, start: int, stop: int) -> "EncodedRows":
+        return self.take(np.arange(start, min(stop, len(self))))
+
+    def batch(self, idx: Optional[np.ndarray] = None):
+        from diet_ray.models.batch import Batch
+
+        r = self if idx is None else self.take(idx)
+        return Batch.hard(r.cat, r.num, r.label)
+
+    def with_unknown_as_oov(self, fmap: FeatureMap, stage: int) -> "EncodedRows":
+        """Map ids a model trained through ``stage`` has never seen to each field's OOV id."""
+        limits, oov = fmap.known_limits(stage), fmap.oov_ids()
+        cat = np.where(self.cat >= limits[None, :], oov[None, :], self.cat)
+        return EncodedRows(cat, self.num, self.label, self.ts, self.row_id)
+
+    @staticmethod
+    def concat(parts: Iterable["EncodedRows"]) -> "EncodedRows":
+        parts = list(parts)
+        return EncodedRows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("cat", "num", "label", "ts", "row_id")))
+
+    @classmethod
+    def from_table(cls, table: pa.Table, fmap: FeatureMap) -> "EncodedRows":
+        def col(name: str, dtype) -> np.ndarray:
+            return table.column(name).to_numpy().astype(dtype, copy=True)
+
+        n = table.num_rows
+        cat = np.stack([col(c, np.int64) for c in fmap.cat_names], axis=1) if fmap.cat_names else np.zeros((n, 0), np.int64)
+        num = np.stack([col(c, np.float32) for c in fmap.num_names], axis=1) if fmap.num_names else np.zeros((n, 0), np.float32)
+        return cls(cat, num, col("_label", np.float32), col("_ts", np.int64), col("_row_id", np.int64))
+
+
+class StageStore:
+    """The prepared stream of one run directory."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.root = prepared_dir(run_dir)
+        self.fmap = FeatureMap.load(fs.join(self.root, "feature_map.json"))
+
+    @property
+    def num_stages(self) -> int:
+        return self.fmap.num_stages
+
+    def stage_files(self, stage: int) -> List[str]:
+        if not 0 <= stage < self.num_stages:
+            raise DataError(f"stage {stage} does not exist: the prepared stream has stages 0..{self.num_stages - 1}")
+        d = stage_dir(self.root, stage)
+        if self.fmap.stages[stage].rows == 0:
+            return []
+        return fs.expand(fs.join(d, "*.parquet"))
+
+    def read_stage(self, stage: int) -> EncodedRows:
+        files = self.stage_files(stage)
+        if not files:
+            return self.empty()
+        tables = [fs.read_parquet(f) for f in files]
+        return EncodedRows.from_table(pa.concat_tables(tables), self.fmap)
+
+    def read_history(self, through: int, start: int = 0) -> EncodedRows:
+        return EncodedRows.concat(self.read_stage(t) for t in range(start, through + 1))
+
+    def empty(self) -> EncodedRows:
+        f, n = len(self.fmap.categorical), len(self.fmap.numeric)
+        return EncodedRows(np.zeros((0, f), np.int64), np.zeros((0, n), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def ray_dataset(self, stage: int):
+        """The stage as a Ray Dataset (only place this module touches Ray)."""
+        import ray.data
+
+        files = self.stage_files(stage)
+        if not files:
+            raise DataError(f"stage {stage} has no rows; nothing to distribute")
+        return ray.data.read_parquet(files, filesystem=fs.pyarrow_fs(files[0]))
