@@ -86,7 +86,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         evaluate(cfg, verbose=args.verbose)
     elif verb == "influence":
-        from diet_ray.influence.runner import influence_stage
+        from diet_ray.distill.stage_influence import influence_stage
 
         influence_stage(cfg, args.stage, verbose=args.verbose)
     elif verb == "run":
