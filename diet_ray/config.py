@@ -246,8 +246,10 @@ def _suggest(bad: str, schema: DictConfig) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
-def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str) -> ConfigError:
+def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str, attempted: str = "") -> ConfigError:
     key = getattr(err, "full_key", None) or ""
+    if attempted and attempted.startswith(key):
+        key = attempted  # OmegaConf names only the first unknown level; suggest for the whole key
     msg = str(err).splitlines()[0]
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         return ConfigError(f"{origin}: unknown config key '{key}'.{_suggest(key, schema)}")
@@ -275,7 +277,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, f"override '{ov}'")
+            raise _explain(e, schema, f"override '{ov}'", ov.split("=", 1)[0].strip())
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

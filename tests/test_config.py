@@ -1,0 +1,90 @@
+import pytest
+
+from diet_ray import config as C
+from diet_ray.cli import main
+from diet_ray.errors import ConfigError
+
+
+def test_defaults_run_with_no_file():
+    cfg = C.load_config(None, [])
+    assert cfg.data.source.startswith("synthetic://")
+    assert cfg.memory.ratio == 0.01
+    assert len(cfg.evaluate.candidates) >= 7
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  label: 'rating >= 4'\n  stages: {by: rows, count: 5}\nseed: 7\n")
+    cfg = C.load_config(str(p), ["seed=9", "memory.ratio=0.02"])
+    assert cfg.data.label == "rating >= 4" and cfg.data.stages.count == 5
+    assert cfg.seed == 9 and cfg.memory.ratio == 0.02
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("memory.rato=0.1", "Did you mean 'memory.ratio'"),
+        ("data.sourc=x", "Did you mean 'data.source'"),
+        ("distil.unroll=2", "Did you mean 'distill.unroll'"),
+    ],
+)
+def test_unknown_key_suggests_closest(override, expect):
+    with pytest.raises(ConfigError, match=expect):
+        C.load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("memory:\n  replace_fraction: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        C.load_config(str(p), [])
+    assert "bad.yaml" in str(e.value) and "memory.replace_fraction" in str(e.value)
+    assert "memory.replace_frac" in str(e.value)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match="memory.ratio"):
+        C.load_config(None, ["memory.ratio=abc"])
+
+
+def test_enum_and_range_validation():
+    with pytest.raises(ConfigError, match="Did you mean 'tracin'"):
+        C.load_config(None, ["influence.estimator=tracim"])
+    with pytest.raises(ConfigError, match="distill.unroll"):
+        C.load_config(None, ["distill.unroll=50"])
+    with pytest.raises(ConfigError, match="memory.ratio"):
+        C.load_config(None, ["memory.ratio=2.0"])
+
+
+def test_config_hash_tracks_only_result_keys():
+    a = C.load_config(None, [])
+    b = C.load_config(None, ["run.dir=/elsewhere", "ray.num_workers=4", "evaluate.train.epochs=3"])
+    c = C.load_config(None, ["memory.ratio=0.02"])
+    assert C.config_hash(a) == C.config_hash(b)
+    assert C.config_hash(a) != C.config_hash(c)
+    assert C.diff_result_keys(C.to_dict(a), c) == ["memory.ratio"]
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert C.derive_seed(0, "stage", 1) == C.derive_seed(0, "stage", 1)
+    assert C.derive_seed(0, "stage", 1) != C.derive_seed(0, "stage", 2)
+    assert C.derive_seed(0, "stage", 1) != C.derive_seed(1, "stage", 1)
+
+
+def test_cli_config_error_is_one_line_without_traceback(capsys):
+    rc = main(["prepare", "memory.rato=0.1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Did you mean 'memory.ratio'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_dir_refuses_changed_result_key(tmp_path):
+    from diet_ray.errors import RunStateError
+    from diet_ray.run_dir import open_run_dir
+
+    cfg = C.load_config(None, [f"run.dir={tmp_path / 'r'}"])
+    open_run_dir(cfg)
+    open_run_dir(C.load_config(None, [f"run.dir={tmp_path / 'r'}", "ray.num_workers=1"]))  # not result-affecting
+    with pytest.raises(RunStateError, match="seed"):
+        open_run_dir(C.load_config(None, [f"run.dir={tmp_path / 'r'}", "seed=5"]))
