@@ -71,6 +71,10 @@ class DataConfig:
     min_count: int = 1  # values seen fewer times in a stage than this are left OOV
     # Rows per chunk when reading or generating; bounds prepare's per-chunk memory.
     chunk_rows: int = 500_000
+    # Optional time window in unix seconds, [time_min, time_max): rows outside it are rejected
+    # with reason out_of_window (e.g. stray clock values in a log that covers known days).
+    time_min: Optional[int] = None
+    time_max: Optional[int] = None
 
 
 @dataclass
@@ -189,6 +193,7 @@ class EvaluateConfig:
     variants: List[str] = field(default_factory=lambda: ["full"])  # full | memory (the run's memory at t)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: bool = True  # candidates as Ray tasks
+    popularity_field: Optional[str] = None  # popularity baseline's item field; None: item/movieId/item_id, else the 2nd categorical
 
 
 @dataclass

@@ -82,6 +82,22 @@ def fit(model: CTRModel, train: Batch, tc: TrainConfig, seed: int, device: str =
     return steps
 
 
+_WARMED: set = set()
+
+
+def warm_up(cand: Dict[str, Any], spec: InputSpec, train: Batch, tc: TrainConfig, device: str) -> None:
+    """One throwaway step on a tiny model per process and model kind, so lazy torch start-up
+    (kernels, autograd threads, optimiser imports) is not billed to whichever variant runs first."""
+    key = (cand.get("model"), tc.optimizer, device, train.probs is None, train.weight is None)
+    if key in _WARMED or len(train) == 0:
+        return
+    tiny = InputSpec(tuple(2 for _ in spec.vocab_sizes), spec.num_numeric)
+    b = train.select(torch.arange(min(2, len(train))))
+    b = Batch(torch.zeros_like(b.ids), b.numeric, b.label, b.probs, b.weight).to(device)
+    fit(build_model(cand, tiny, 0).to(device), b, TrainConfig(epochs=1, batch_size=2, lr=tc.lr, optimizer=tc.optimizer), 0, device)
+    _WARMED.add(key)
+
+
 @torch.no_grad()
 def predict(model: CTRModel, batch: Batch, device: str = "cpu") -> np.ndarray:
     """Click probabilities [B] as float64 numpy."""
@@ -106,10 +122,12 @@ def train_candidate(
     """Train ``cand`` from scratch on ``train`` and test on ``test`` ->
     {auc, logloss, wall_s, sample_steps, train_rows, test_rows, positives_test}."""
     tc = train_config_for(cand, train_cfg)
+    train = detached(train)
     with torch_threads(threads):
+        warm_up(cand, spec, train, tc, device)
         t0 = time.perf_counter()
         model = build_model(cand, spec, seed).to(device)
-        steps = fit(model, detached(train), tc, seed, device)
+        steps = fit(model, train, tc, seed, device)
         wall = time.perf_counter() - t0
         prob = predict(model, test, device)
     label = test.label.detach().cpu().numpy()

@@ -1,0 +1,190 @@
+"""The stream expert (DESIGN §3): the model a platform trains continually, one pass per stage in
+time order, warm-started from the previous stage, checkpointed K times per stage.
+
+Reference set. The newest ``holdout_frac`` of stage t is its reference set (G_ref for influence,
+real-data terms for distillation). The expert does NOT train on it during stage t, so G_ref(theta_c)
+measures what generalises forward; those rows open stage t+1's pass instead. The expert's stream
+is therefore its input delayed by one holdout: every row is trained on exactly once, in time
+order, and checkpoint 0 of stage t+1 equals the last checkpoint of stage t (the warm start).
+
+On disk: ``run_dir/expert/stage=NNNN/{ckpt-KK.pt, optim.pt, ref.parquet, meta.json}``; every
+file is written atomically and ``meta.json`` is written last, so a stage without it is absent.
+Checkpoints are ``torch.save``d state dicts and are read back with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from diet_ray.config import Config, ExpertConfig, derive_seed
+from diet_ray.data import fs
+from diet_ray.data.feature_map import FeatureMap
+from diet_ray.data.stages import EncodedRows, StageStore
+from diet_ray.errors import RunStateError
+from diet_ray.models import CTRModel, build_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExpertCheckpoint:
+    index: int  # 0..K; 0 = stage start (the warm-start state)
+    lr: float  # learning rate of the segment that ends here; 0 for index 0
+    state: Dict[str, torch.Tensor]  # model.state_dict(), CPU
+
+
+@dataclass
+class ExpertStage:
+    stage: int
+    checkpoints: List[ExpertCheckpoint]  # K + 1
+    ref_rows: EncodedRows  # newest holdout_frac of the stage, not trained on in this stage
+    train_rows: int  # rows trained on in this stage's pass (previous holdout included)
+    wall_s: float
+    sample_steps: int  # rows x passes: the expert's share of the distillation cost
+
+
+def expert_dir(run_dir: str, stage: int) -> str:
+    return fs.join(run_dir, "expert", f"stage={stage:04d}")
+
+
+def split_reference(rows: EncodedRows, holdout_frac: float) -> tuple[EncodedRows, EncodedRows]:
+    """Time-ordered (train, reference): the reference is the newest ``holdout_frac`` (>= 1 row
+    when the stage has at least 2 rows)."""
+    order = np.argsort(rows.row_id, kind="stable")
+    if np.any(order != np.arange(len(rows))):
+        rows = rows.take(order)
+    n = len(rows)
+    n_ref = 0 if n < 2 else min(n - 1, max(1, int(round(holdout_frac * n))))
+    return rows.slice(0, n - n_ref), rows.slice(n - n_ref, n)
+
+
+def _save_torch(uri: str, obj) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    fs.write_bytes_atomic(uri, buf.getvalue())
+
+
+def _load_torch(uri: str):
+    try:
+        return torch.load(io.BytesIO(fs.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunStateError(f"{uri}: unreadable expert checkpoint ({e}). Delete {fs.join(uri, '..')} to retrain that stage.")
+
+
+def rows_to_table(rows: EncodedRows, fmap: FeatureMap) -> pa.Table:
+    cols = {"_row_id": rows.row_id, "_ts": rows.ts, "_label": rows.label}
+    cols.update({n: rows.cat[:, i] for i, n in enumerate(fmap.cat_names)})
+    cols.update({n: rows.num[:, i] for i, n in enumerate(fmap.num_names)})
+    return pa.table(cols)
+
+
+class StreamExpert:
+    def __init__(self, fmap: FeatureMap, cfg: ExpertConfig, seed: int, run_dir: str):
+        self.fmap, self.cfg, self.seed, self.run_dir = fmap, cfg, seed, run_dir
+        self.spec = fmap.input_spec()
+        self.K = max(1, int(cfg.checkpoints_per_stage))
+
+    @classmethod
+    def from_config(cls, cfg: Config, fmap: FeatureMap, run_dir: Optional[str] = None) -> "StreamExpert":
+        """The run's expert: its seed derives from ``cfg.seed`` so every verb reuses the same checkpoints."""
+        return cls(fmap, cfg.expert, derive_seed(cfg.seed, "expert"), run_dir or cfg.run.dir)
+
+    def build_model(self) -> CTRModel:
+        return build_model(dict(self.cfg.model), self.spec, seed=derive_seed(self.seed, "init"))
+
+    # -- training -------------------------------------------------------------------------
+
+    def train_stage(self, stage: int, rows: EncodedRows) -> ExpertStage:
+        """One pass over (previous holdout + this stage minus its holdout), K checkpoints, saved."""
+        t0 = time.perf_counter()
+        train, ref = split_reference(rows, self.cfg.holdout_frac)
+        model = self.build_model()
+        opt = torch.optim.Adam(model.parameters(), lr=self.cfg.lr)
+        if stage > 0:
+            prev = self.load_stage(stage - 1)
+            if prev is None:
+                raise RunStateError(
+                    f"{expert_dir(self.run_dir, stage - 1)}: the expert for stage {stage - 1} is missing; "
+                    f"train stages in order (0..{stage})."
+                )
+            model.load_state_dict(prev.checkpoints[-1].state)
+            optim_uri = fs.join(expert_dir(self.run_dir, stage - 1), "optim.pt")
+            if fs.exists(optim_uri):
+                opt.load_state_dict(_load_torch(optim_uri))
+            train = EncodedRows.concat([prev.ref_rows, train])
+        checkpoints = [ExpertCheckpoint(0, 0.0, self._state(model))]
+        n, bs = len(train), max(1, int(self.cfg.batch_size))
+        n_batches = -(-n // bs)
+        # Segment c ends after batch round(c * n_batches / K): K checkpoints spread over the pass.
+        ends = [round(c * n_batches / self.K) for c in range(1, self.K + 1)]
+        b = 0
+        model.train()
+        for c, end in enumerate(ends, start=1):
+            while b < end:
+                batch = train.batch(np.arange(b * bs, min((b + 1) * bs, n)))
+                opt.zero_grad(set_to_none=True)
+                loss = F.binary_cross_entropy_with_logits(model.logits(batch), batch.label)
+                loss.backward()
+                opt.step()
+                b += 1
+            checkpoints.append(ExpertCheckpoint(c, float(self.cfg.lr), self._state(model)))
+        result = ExpertStage(stage, checkpoints, ref, n, time.perf_counter() - t0, n)
+        self._save(result, opt)
+        log.info("expert stage %d: %d rows, %d checkpoints, %.1fs", stage, n, len(checkpoints), result.wall_s)
+        return result
+
+    def train_through(self, store: StageStore, stage: int) -> ExpertStage:
+        """Load or train stages 0..``stage`` in order (resume reuses saved stages)."""
+        last = None
+        for t in range(stage + 1):
+            last = self.load_stage(t)
+            if last is None:
+                last = self.train_stage(t, store.read_stage(t))
+        assert last is not None
+        return last
+
+    @staticmethod
+    def _state(model: CTRModel) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def _save(self, st: ExpertStage, opt: torch.optim.Optimizer) -> None:
+        d = expert_dir(self.run_dir, st.stage)
+        for c in st.checkpoints:
+            _save_torch(fs.join(d, f"ckpt-{c.index:02d}.pt"), c.state)
+        _save_torch(fs.join(d, "optim.pt"), opt.state_dict())
+        fs.write_parquet_atomic(rows_to_table(st.ref_rows, self.fmap), fs.join(d, "ref.parquet"))
+        meta = {
+            "stage": st.stage,
+            "checkpoints": [{"index": c.index, "lr": c.lr} for c in st.checkpoints],
+            "model": dict(self.cfg.model),
+            "ref_rows": len(st.ref_rows),
+            "train_rows": st.train_rows,
+            "wall_s": st.wall_s,
+            "sample_steps": st.sample_steps,
+        }
+        fs.write_json_atomic(fs.join(d, "meta.json"), meta)  # last: marks the stage complete
+
+    def load_stage(self, stage: int) -> Optional[ExpertStage]:
+        d = expert_dir(self.run_dir, stage)
+        meta_uri = fs.join(d, "meta.json")
+        if not fs.exists(meta_uri):
+            return None
+        meta = fs.read_json(meta_uri)
+        if meta.get("model") != dict(self.cfg.model) or len(meta["checkpoints"]) != self.K + 1:
+            raise RunStateError(
+                f"{meta_uri}: saved for model {meta.get('model')} with {len(meta['checkpoints']) - 1} checkpoints, "
+                f"but expert.model={dict(self.cfg.model)}, expert.checkpoints_per_stage={self.K}. Use a new run.dir."
+            )
+        cks = [ExpertCheckpoint(int(c["index"]), float(c["lr"]), _load_torch(fs.join(d, f"ckpt-{int(c['index']):02d}.pt"))) for c in meta["checkpoints"]]
+        ref = EncodedRows.from_table(fs.read_parquet(fs.join(d, "ref.parquet")), self.fmap)
+        return ExpertStage(stage, cks, ref, int(meta["train_rows"]), float(meta["wall_s"]), int(meta["sample_steps"]))

@@ -1,0 +1,134 @@
+"""One stage's bi-level job on Ray Train: shard the memory, fit a TorchTrainer, gather the shards.
+
+The memory and the expert's checkpoints go to the object store once (``ray.put``); workers
+get refs. Shards are an assignment (``shard_assignment``), not an identity: the next stage may
+use another number of workers. A stage's Ray Train directory (``run_dir/ray_train/stage-NNNN``)
+is removed before its fit: it belongs to an attempt that was never committed, and its
+checkpoints may hold another shard assignment.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from diet_ray.config import Config, derive_seed
+from diet_ray.data import fs
+from diet_ray.data.feature_map import FeatureMap
+from diet_ray.distill.bilevel import ShardUpdate, SlotShard
+from diet_ray.distill.expert import ExpertCheckpoint
+from diet_ray.distill.worker import FAULT_ENV, shard_file, train_loop_per_worker
+from diet_ray.errors import RunStateError
+from diet_ray.memory.commit import shard_assignment
+from diet_ray.memory.slots import SlotMemory
+from diet_ray.ray_runtime import cpu_share, torch_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BilevelResult:
+    shards: List[SlotMemory]  # one per worker, updated, in shard_assignment order
+    metrics: Dict[str, Any] = field(default_factory=dict)
+
+
+def ray_train_dir(run_dir: str) -> str:
+    return fs.join(run_dir, "ray_train")
+
+
+def _storage(run_dir: str):
+    """(storage_path, storage_filesystem) for RunConfig: an absolute local path, or an object-store
+    path with a pyarrow wrapper of our fsspec filesystem (endpoint and credentials included)."""
+    root = ray_train_dir(run_dir)
+    if fs.is_remote(root):
+        return fs.strip_protocol(root), fs.pyarrow_fs(root)
+    return os.path.abspath(root), None
+
+
+def fit_stage(
+    memory: SlotMemory,
+    refine_idx: np.ndarray,
+    checkpoints: List[ExpertCheckpoint],
+    dataset,
+    fmap: FeatureMap,
+    cfg: Config,
+    stage: int,
+    run_dir: str,
+    save_every: int = 10,
+) -> BilevelResult:
+    """Refine the slots at ``refine_idx`` with ``cfg.ray.num_workers`` Train workers reading
+    ``dataset`` (the stage's rows). Returns the updated shards and rank 0's final metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers = int(cfg.ray.num_workers)
+    assignment = shard_assignment(len(memory), workers)
+    refine_idx = np.asarray(refine_idx, dtype=np.int64)
+    if len(refine_idx) == 0 or cfg.distill.outer_steps == 0 or len(checkpoints) < 2:
+        log.info("stage %d: nothing to refine; bi-level step skipped", stage)
+        return BilevelResult([memory.take(a) for a in assignment], {"skipped": True, "workers": workers})
+
+    t0 = time.perf_counter()
+    shard_refs = [ray.put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
+    trajectory_ref = ray.put([ck.state for ck in checkpoints])
+    spec = fmap.input_spec()
+    cpus = cpu_share(workers)
+    config = {
+        "shards": shard_refs,
+        "trajectory": trajectory_ref,
+        "model": dict(cfg.expert.model),
+        "vocab_sizes": list(spec.vocab_sizes),
+        "num_numeric": spec.num_numeric,
+        "cat_names": list(fmap.cat_names),
+        "num_names": list(fmap.num_names),
+        "distill": asdict(cfg.distill),
+        "temperature": float(cfg.memory.temperature),
+        "seed": derive_seed(cfg.seed, "bilevel"),
+        "stage": int(stage),
+        "save_every": int(save_every),
+        "torch_threads": torch_threads(cpus),
+        "fault": os.environ.get(FAULT_ENV, ""),
+    }
+    storage_path, storage_fs = _storage(run_dir)
+    name = f"stage-{stage:04d}"
+    fs.remove(fs.join(ray_train_dir(run_dir), name))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.use_gpu), resources_per_worker={"CPU": cpus}),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        datasets={"real": dataset},
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=int(cfg.ray.max_failures)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RunStateError(f"stage {stage}: the bi-level job reported no checkpoint under {storage_path}/{name}")
+    updated = memory.detached()
+    with result.checkpoint.as_directory() as d:
+        for rank in range(workers):
+            path = os.path.join(d, shard_file(rank))
+            if not os.path.exists(path):
+                raise RunStateError(f"{path}: worker {rank} reported no shard; the bi-level job did not finish")
+            s = torch.load(path, map_location="cpu", weights_only=True)
+            if not np.array_equal(s["index"].numpy(), assignment[rank]):
+                raise RunStateError(f"{path}: shard {rank} holds other slots than assigned; the checkpoint is from another attempt")
+            updated = ShardUpdate(s["index"].numpy(), s["logits"], s["numeric"], s["label_logit"], s["weight_param"]).apply_to(updated)
+    updated.updated_stage[refine_idx] = stage
+    metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
+        "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s")}
+    metrics.update({"workers": workers, "cpus_per_worker": cpus, "fit_s": time.perf_counter() - t0})
+    return BilevelResult([updated.take(a) for a in assignment], metrics)

@@ -1,0 +1,166 @@
+"""The Ray Train loop of one bi-level stage: a thin wrapper around ``ShardDistiller``.
+
+Each worker owns one shard of the memory (its slots as tensors, the addressed ones learnable),
+reads its equal shard of the stage's rows for the real-data term, runs the outer steps, and
+reports its updated slots in a checkpoint (``shard-RANK.pt``). Progress (outer step, slot
+tensors, Adam state: ``progress-RANK.pt``) is checkpointed every ``save_every`` outer steps so a
+worker group restarted by ``FailureConfig`` continues where it stopped.
+
+``config`` (built by ``diet_ray.distill.trainer``): object-store refs ``shards`` (one SlotShard
+per rank) and ``trajectory`` (the expert's checkpoint state dicts), plus ``model`` (candidate
+dict), ``vocab_sizes``, ``num_numeric``, ``cat_names``, ``num_names``, ``distill`` (DistillConfig
+as a dict), ``temperature``, ``seed``, ``stage``, ``save_every``, ``torch_threads``, ``fault``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from diet_ray.config import DistillConfig, derive_seed
+from diet_ray.distill.bilevel import ShardDistiller, distributed_reduce_sum, identity_reduce
+from diet_ray.models import Batch, InputSpec, build_model
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "DIET_RAY_FAULT"  # "bilevel:STAGE:STEP:FLAGFILE": fail once at that outer step (resume tests)
+
+
+def shard_file(rank: int) -> str:
+    return f"shard-{rank}.pt"
+
+
+def progress_file(rank: int) -> str:
+    return f"progress-{rank}.pt"
+
+
+def _real_batches(shard, needed: int, batch_size: int, cat_names: List[str], num_names: List[str], seed: int) -> List[Batch]:
+    """Up to ``needed`` full batches of this worker's rows (equal shards + drop_last: every rank
+    gets the same count, so no collective waits on a rank that ran out)."""
+    out: List[Batch] = []
+    if needed <= 0:
+        return out
+    it = shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=4 * batch_size,
+        local_shuffle_seed=seed,
+    )
+    for cols in it:
+        n = len(cols["_label"])
+        cat = np.stack([np.asarray(cols[c], dtype=np.int64) for c in cat_names], 1) if cat_names else np.zeros((n, 0), np.int64)
+        num = np.stack([np.asarray(cols[c], dtype=np.float32) for c in num_names], 1) if num_names else np.zeros((n, 0), np.float32)
+        out.append(Batch.hard(cat.copy(), num.copy(), np.asarray(cols["_label"], dtype=np.float32).copy()))
+        if len(out) >= needed:
+            break
+    return out
+
+
+def _maybe_fail(spec: str, stage: int, step: int, rank: int) -> None:
+    """Fault injection for resume tests (``spec`` = the driver's $DIET_RAY_FAULT): raise once;
+    a flag file records that it happened."""
+    if not spec.startswith("bilevel:") or rank != 0:
+        return
+    _, s, k, flag = spec.split(":", 3)
+    if int(s) == stage and int(k) == step and not os.path.exists(flag):
+        with open(flag, "w") as f:
+            f.write("failed once\n")
+        raise RuntimeError(f"injected fault at stage {stage} outer step {step} ({FAULT_ENV})")
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(int(config.get("torch_threads", 1)))
+    torch.manual_seed(derive_seed(config["seed"], "bilevel-worker", config["stage"], rank))
+    cfg = DistillConfig(**config["distill"])
+    stage = int(config["stage"])
+
+    shard = ray.get(config["shards"][rank])
+    trajectory = ray.get(config["trajectory"])
+    spec = InputSpec(tuple(config["vocab_sizes"]), int(config["num_numeric"]))
+    model = build_model(dict(config["model"]), spec, seed=derive_seed(config["seed"], "bilevel-student"))
+    distiller = ShardDistiller(
+        model,
+        trajectory,
+        shard,
+        cfg,
+        temperature=float(config["temperature"]),
+        seed=int(config["seed"]),
+        stage=stage,
+        reduce_sum=identity_reduce if world == 1 else distributed_reduce_sum,
+        world_size=world,
+        device=device,
+    )
+
+    start_loss: Optional[float] = None
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = torch.load(os.path.join(d, progress_file(rank)), map_location="cpu", weights_only=True)
+        distiller.load_state_dict(state["distiller"])
+        start_loss = float(state["outer_loss_start"])
+        if rank == 0:
+            log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
+
+    t0 = time.perf_counter()
+    per_rank = max(1, cfg.real_batch // world)
+    real = [b.to(device) for b in _real_batches(
+        ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
+        list(config["cat_names"]), list(config["num_names"]), derive_seed(config["seed"], "bilevel-real", stage, rank),
+    )]
+    if not real and cfg.objective == "gradient":
+        raise RuntimeError(f"stage {stage}: no full real batch of {per_rank} rows per worker for gradient matching")
+    eval_real = real[0] if real else None
+    if start_loss is None:
+        start_loss = distiller.evaluate(eval_real)
+
+    save_every = max(1, int(config.get("save_every", 10)))
+    losses: List[float] = []
+    while distiller.step < cfg.outer_steps:
+        _maybe_fail(str(config.get("fault") or ""), stage, distiller.step, rank)
+        batch = real[(distiller.step + 1) % len(real)] if real else None
+        losses.append(distiller.outer_step(batch))
+        if rank == 0 and (distiller.step % save_every == 0 or distiller.step == cfg.outer_steps):
+            log.info("stage %d: outer step %d/%d loss %.4f", stage, distiller.step, cfg.outer_steps, losses[-1])
+        if distiller.step % save_every == 0 and distiller.step < cfg.outer_steps:
+            _report(distiller, rank, start_loss, {"outer_step": distiller.step, "outer_loss": losses[-1]}, final=False)
+    end_loss = distiller.evaluate(eval_real)
+    metrics = {
+        "outer_step": distiller.step,
+        "outer_loss_start": start_loss,
+        "outer_loss_end": end_loss,
+        "outer_loss_last_step": losses[-1] if losses else None,
+        "inner_lr": float(distiller.inner_lr().detach()),
+        "real_batches": len(real),
+        "loop_s": time.perf_counter() - t0,
+        "world_size": world,
+    }
+    _report(distiller, rank, start_loss, metrics, final=True)
+
+
+def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"distiller": distiller.state_dict(), "outer_loss_start": start_loss}, os.path.join(d, progress_file(rank)))
+        if final:
+            u = distiller.update()
+            torch.save(
+                {"index": torch.as_tensor(u.index), "logits": u.logits, "numeric": u.numeric,
+                 "label_logit": u.label_logit, "weight_param": u.weight_param},
+                os.path.join(d, shard_file(rank)),
+            )
+        ray.train.report(dict(metrics, final=final), checkpoint=Checkpoint.from_directory(d))

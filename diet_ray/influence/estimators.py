@@ -1,0 +1,105 @@
+"""Influence estimators behind one interface: scores [B] for a batch, given per-checkpoint states.
+
+* ``tracin`` (default): sum_c lr_c * <grad l(z; theta_c), G_ref(theta_c)> over the checkpoints
+  c = 1..K of the stage (lr_c: learning rate of the segment ending at c). Higher = a gradient
+  step on z lowers the reference loss more.
+* ``grad_norm``: mean_c |grad l(z; theta_c)| over all parameters (GraNd): hard, informative rows.
+* ``loss``: mean_c l(z; theta_c) (EL2N-like).
+* ``random``: uniform [0, 1) from a hash of (seed, row id) or of the row's content, so a row
+  gets the same score however the stage is split into batches or actors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from diet_ray.influence import grads as G
+from diet_ray.influence.projection import DenseProjection
+from diet_ray.models.base import CTRModel
+from diet_ray.models.batch import Batch
+
+ESTIMATORS = ("tracin", "grad_norm", "loss", "random")
+
+
+@dataclass
+class CheckpointTerm:
+    """One checkpoint on the scoring device: its parameters, step size and reference gradient."""
+
+    lr: float
+    params: G.Params
+    gref: Optional[G.Params] = None  # tracin only
+    gref_proj: Optional[G.Params] = None  # projected parameters' G_ref, [d] each
+
+
+def tracin_jvp(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch) -> torch.Tensor:
+    """Exact TracIn through forward-mode directional derivatives (no per-sample gradient buffers)."""
+    out = torch.zeros(len(batch), dtype=batch.label.dtype, device=batch.label.device)
+    for t in terms:
+        _, dots = G.directional_derivatives(model, t.params, buffers, t.gref, batch)
+        out += t.lr * dots
+    return out
+
+
+def tracin_vmap(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch, proj: Optional[DenseProjection]) -> torch.Tensor:
+    """TracIn from explicit per-sample gradients; projected parameters contribute <P g, P G_ref>."""
+    out = torch.zeros(len(batch), dtype=batch.label.dtype, device=batch.label.device)
+    for t in terms:
+        gd, gr, _ = G.per_sample_grads(model, t.params, buffers, batch)
+        plain = {n: g for n, g in gd.items() if not (proj and n in proj)}
+        dots = G.dot_with_reference(model, plain, gr, batch.ids, t.gref)
+        if proj:
+            for name in proj.mats:
+                dots = dots + (proj.project(name, gd[name]) * t.gref_proj[name].unsqueeze(0)).sum(1)
+        out += t.lr * dots
+    return out
+
+
+def grad_norm(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch, proj: Optional[DenseProjection]) -> torch.Tensor:
+    out = torch.zeros(len(batch), dtype=batch.label.dtype, device=batch.label.device)
+    for t in terms:
+        gd, gr, _ = G.per_sample_grads(model, t.params, buffers, batch)
+        sq = G.table_grad_sq_norm(model, gr, batch.ids)
+        for name, g in gd.items():
+            if proj and name in proj:
+                sq = sq + proj.project(name, g).pow(2).sum(1)
+            else:
+                sq = sq + g.reshape(g.shape[0], -1).pow(2).sum(1)
+        out += sq.clamp_min(0).sqrt()
+    return out / max(1, len(terms))
+
+
+def mean_loss(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch) -> torch.Tensor:
+    out = torch.zeros(len(batch), dtype=batch.label.dtype, device=batch.label.device)
+    for t in terms:
+        out += G.sample_losses(model, t.params, buffers, batch).detach()
+    return out / max(1, len(terms))
+
+
+_M = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser, vectorised over uint64."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M
+        return x ^ (x >> np.uint64(31))
+
+
+def random_scores(batch: Batch, seed: int, row_ids: Optional[np.ndarray] = None) -> np.ndarray:
+    h = np.full(len(batch), np.uint64(seed), dtype=np.uint64)
+    if row_ids is not None:
+        cols = [np.asarray(row_ids, dtype=np.int64)]
+    else:  # content: ids, numeric bits, label bits, probs bits
+        cols = list(batch.ids.detach().cpu().reshape(len(batch), -1).numpy().astype(np.int64).T)
+        for t in (batch.numeric, batch.label, batch.probs):
+            if t is not None and t.numel():
+                a = t.detach().cpu().to(torch.float64).reshape(len(batch), -1).numpy()
+                cols += list(a.view(np.int64).T)
+    for c in cols:
+        h = _mix(h ^ c.astype(np.uint64))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)

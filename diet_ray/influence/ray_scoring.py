@@ -1,0 +1,153 @@
+"""Scoring a stage on Ray: ``Dataset.map_batches`` with a callable scorer class as an actor pool.
+
+The checkpoint states and reference gradients are computed once on the driver and put in the
+object store once per stage (numpy arrays: actors on one node map them zero-copy); actors get
+the reference through ``fn_constructor_kwargs``. Nothing here assumes a local runtime: CPU and
+GPU requests are derived from what the cluster reports.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from diet_ray.config import InfluenceConfig
+from diet_ray.data.feature_map import FeatureMap
+from diet_ray.errors import ConfigError
+from diet_ray.influence.scorer import CheckpointLike, InfluenceScorer, PreparedCheckpoints, prepare_checkpoints
+from diet_ray.models import Batch, InputSpec, build_model
+
+log = logging.getLogger(__name__)
+
+SCORE_COL = "influence"
+BATCH_FORMATS = ("numpy", "pyarrow", "pandas")
+
+
+def _columns(batch: Any, names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Columns of a numpy / pyarrow / pandas batch as numpy arrays (zero-copy where the format allows)."""
+    if isinstance(batch, dict):
+        return {n: batch[n] for n in names}
+    if hasattr(batch, "column_names"):  # pyarrow.Table
+        return {n: batch.column(n).to_numpy() for n in names}
+    return {n: batch[n].to_numpy() for n in names}  # pandas
+
+
+def _with_scores(batch: Any, scores: np.ndarray) -> Any:
+    if isinstance(batch, dict):
+        out = dict(batch)
+        out[SCORE_COL] = scores
+        return out
+    if hasattr(batch, "column_names"):
+        import pyarrow as pa
+
+        return batch.append_column(SCORE_COL, pa.array(scores))
+    batch = batch.copy(deep=False)
+    batch[SCORE_COL] = scores
+    return batch
+
+
+def rows_batch(cols: Dict[str, np.ndarray], cat_names: Sequence[str], num_names: Sequence[str]) -> Batch:
+    """Encoded stage columns -> a hard Batch (np.stack copies, so tensors are writable)."""
+    n = len(cols["_label"])
+    cat = np.stack([cols[c] for c in cat_names], 1).astype(np.int64, copy=False) if cat_names else np.zeros((n, 0), np.int64)
+    num = np.stack([cols[c] for c in num_names], 1).astype(np.float32, copy=False) if num_names else np.zeros((n, 0), np.float32)
+    return Batch.hard(cat, num, np.array(cols["_label"], dtype=np.float32))
+
+
+class ScorerActor:
+    """One per actor: rebuilds the model, maps the prepared checkpoints from the object store,
+    and scores each batch it is handed."""
+
+    def __init__(
+        self,
+        model_cand: Dict[str, Any],
+        spec: InputSpec,
+        prepared_ref: List[Any],  # [ObjectRef]: wrapped so Ray hands the ref itself, fetched here once
+        cat_names: List[str],
+        num_names: List[str],
+        cfg: InfluenceConfig,
+        seed: int,
+        use_gpu: bool,
+        threads: int,
+    ):
+        import ray
+
+        torch.set_num_threads(max(1, threads))
+        prepared: PreparedCheckpoints = ray.get(prepared_ref[0])
+        device = "cuda" if use_gpu and torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        self.scorer = InfluenceScorer.from_prepared(build_model(model_cand, spec, seed=0), prepared, cfg, seed, device)
+        self.cat_names, self.num_names = list(cat_names), list(num_names)
+        self.device = device
+
+    def __call__(self, batch: Any) -> Any:
+        cols = _columns(batch, [*self.cat_names, *self.num_names, "_label", "_row_id"])
+        scores = self.scorer.score(rows_batch(cols, self.cat_names, self.num_names), row_ids=cols["_row_id"])
+        return _with_scores(batch, scores)
+
+
+def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dict[str, float]:
+    """CPUs per actor from the cluster (fractional on small nodes: RAY-NOTES 2-CPU deadlock),
+    GPUs when configured and present."""
+    from diet_ray.ray_runtime import cluster_gpus, cpu_share
+
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor > 0 else (1.0 if use_gpu else 0.0)
+    if gpus > 0 and cluster_gpus() <= 0:
+        raise ConfigError(
+            f"influence.gpus_per_actor={cfg.gpus_per_actor} (ray.use_gpu={use_gpu}) but the Ray cluster reports no GPUs; "
+            "set influence.gpus_per_actor=0 and ray.use_gpu=false, or add GPU nodes."
+        )
+    return {"num_cpus": cpu_share(num_actors), "num_gpus": gpus}
+
+
+def score_stage(
+    ds,
+    model_cand: Dict[str, Any],
+    spec: InputSpec,
+    checkpoints: Sequence[CheckpointLike],
+    ref: Batch,
+    fmap: FeatureMap,
+    cfg: InfluenceConfig,
+    seed: int,
+    use_gpu: bool = False,
+    *,
+    num_actors: Optional[int] = None,
+    batch_format: str = "numpy",
+):
+    """-> ``ds`` with a float64 column ``influence`` (all other columns kept), lazily."""
+    import ray
+    import ray.data
+
+    if batch_format not in BATCH_FORMATS:
+        raise ValueError(f"batch_format {batch_format!r} not in {BATCH_FORMATS}")
+    n = max(1, int(num_actors or cfg.num_actors))
+    res = actor_resources(cfg, use_gpu, n)
+    model = build_model(model_cand, spec, seed=0)
+    if cfg.estimator == "random":
+        prepared = PreparedCheckpoints([], [], None)
+    else:
+        prepared = prepare_checkpoints(model, checkpoints, ref, cfg)
+    prepared_ref = ray.put(prepared)  # once per stage, shared by every actor
+    log.info("influence: %d actors x %.2f CPU, %.2f GPU, batch %d (%s)", n, res["num_cpus"], res["num_gpus"], cfg.batch_size, batch_format)
+    kwargs = dict(
+        fn_constructor_kwargs=dict(
+            model_cand=dict(model_cand),
+            spec=spec,
+            prepared_ref=[prepared_ref],
+            cat_names=fmap.cat_names,
+            num_names=fmap.num_names,
+            cfg=cfg,
+            seed=seed,
+            use_gpu=res["num_gpus"] > 0,
+            threads=max(1, int(res["num_cpus"])),
+        ),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n),
+        batch_size=int(cfg.batch_size),
+        batch_format=batch_format,
+        zero_copy_batch=True,
+        num_cpus=res["num_cpus"],
+    )
+    if res["num_gpus"] > 0:
+        kwargs["num_gpus"] = res["num_gpus"]
+    return ds.map_batches(ScorerActor, **kwargs)

@@ -1,0 +1,144 @@
+"""``InfluenceScorer``: per-row influence of hard rows or soft memory slots on the stage's reference set.
+
+Built once per stage from the expert's checkpoints and the reference batch. The checkpoint
+states and reference gradients are kept as ``PreparedCheckpoints`` (plain numpy, so Ray can
+share them zero-copy from the object store across actors).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from diet_ray.config import InfluenceConfig, derive_seed
+from diet_ray.influence import estimators as E
+from diet_ray.influence import grads as G
+from diet_ray.influence.projection import DenseProjection
+from diet_ray.models.base import CTRModel
+from diet_ray.models.batch import Batch
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointLike(Protocol):
+    """What the scorer reads of ``diet_ray.distill.expert.ExpertCheckpoint`` (kept structural so
+    influence does not depend on distill)."""
+
+    index: int
+    lr: float
+    state: Dict[str, torch.Tensor]
+
+
+@dataclass
+class PreparedCheckpoints:
+    """Checkpoints c = 1..K as numpy parameter dicts, with G_ref(theta_c) when the estimator needs it."""
+
+    lrs: List[float]
+    params: List[Dict[str, np.ndarray]]
+    grefs: Optional[List[Dict[str, np.ndarray]]]
+
+
+def scored_checkpoints(checkpoints: Sequence[CheckpointLike]) -> List[CheckpointLike]:
+    """Checkpoints 1..K: the states at the ends of the stage's training segments (index 0 is the
+    warm start; it ends no segment). A stage with only a start state falls back to it."""
+    used = [c for c in checkpoints if c.index >= 1]
+    return sorted(used, key=lambda c: c.index) or list(checkpoints[-1:])
+
+
+def prepare_checkpoints(model: CTRModel, checkpoints: Sequence[CheckpointLike], ref: Optional[Batch], cfg: InfluenceConfig) -> PreparedCheckpoints:
+    """Parameters per checkpoint, and G_ref per checkpoint for ``tracin`` (computed once per stage)."""
+    names = [n for n, _ in model.named_parameters()]
+    p0 = next(model.parameters())
+    buffers = G.model_buffers(model)
+    lrs, params, grefs = [], [], []
+    for c in scored_checkpoints(checkpoints):
+        ps = {n: c.state[n].detach().to(device=p0.device, dtype=p0.dtype) for n in names}
+        lrs.append(float(c.lr))
+        params.append({n: t.cpu().numpy() for n, t in ps.items()})
+        if cfg.estimator == "tracin":
+            if ref is None or len(ref) == 0:
+                raise ValueError("tracin needs a non-empty reference batch")
+            rb = G.cast_batch(ref, p0.dtype, p0.device)
+            g = G.reference_gradient(model, ps, buffers, rb, cfg.micro_batch)
+            grefs.append({n: t.cpu().numpy() for n, t in g.items()})
+    return PreparedCheckpoints(lrs, params, grefs if cfg.estimator == "tracin" else None)
+
+
+class InfluenceScorer:
+    """``score(batch) -> [B] float64``; higher = more helpful for the reference set (TracIn sign).
+
+    ``method``: "auto" (tracin via forward-mode jvp unless projecting; others via vmap(grad)),
+    "jvp" or "vmap" to force a kernel (both exact; used to cross-check each other).
+    """
+
+    def __init__(
+        self,
+        model: CTRModel,
+        checkpoints: Sequence[CheckpointLike],
+        ref: Batch,
+        cfg: InfluenceConfig,
+        seed: int,
+        device: str = "cpu",
+        method: str = "auto",
+    ):
+        model = model.to(device)
+        prepared = prepare_checkpoints(model, checkpoints, ref, cfg) if cfg.estimator != "random" else PreparedCheckpoints([], [], None)
+        self._setup(model, prepared, cfg, seed, device, method)
+
+    @classmethod
+    def from_prepared(cls, model: CTRModel, prepared: PreparedCheckpoints, cfg: InfluenceConfig, seed: int, device: str = "cpu", method: str = "auto") -> "InfluenceScorer":
+        self = cls.__new__(cls)
+        self._setup(model.to(device), prepared, cfg, seed, device, method)
+        return self
+
+    def _setup(self, model: CTRModel, prepared: PreparedCheckpoints, cfg: InfluenceConfig, seed: int, device: str, method: str) -> None:
+        if cfg.estimator not in E.ESTIMATORS:
+            raise ValueError(f"unknown estimator {cfg.estimator!r}; choose one of {E.ESTIMATORS}")
+        if method not in ("auto", "jvp", "vmap"):
+            raise ValueError(f"unknown method {method!r}")
+        self.model, self.cfg, self.seed, self.device = model, cfg, seed, torch.device(device)
+        p0 = next(model.parameters())
+        self.dtype = p0.dtype
+        self.buffers = G.model_buffers(model)
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        self.proj = DenseProjection(shapes, cfg.projection_dim, cfg.projection_min_params, derive_seed(seed, "influence"), self.dtype, self.device)
+        if not self.proj:
+            self.proj = None
+        self.method = method if method != "auto" else ("vmap" if self.proj else "jvp")
+        to = lambda d: {n: torch.as_tensor(a).to(device=self.device, dtype=self.dtype) for n, a in d.items()}  # noqa: E731
+        self.terms: List[E.CheckpointTerm] = []
+        for i, (lr, ps) in enumerate(zip(prepared.lrs, prepared.params)):
+            gref = to(prepared.grefs[i]) if prepared.grefs is not None else None
+            gproj = None
+            if gref is not None and self.proj:
+                gproj = {n: self.proj.project(n, gref[n], batched=False) for n in self.proj.mats}
+            self.terms.append(E.CheckpointTerm(lr, to(ps), gref, gproj))
+        if cfg.estimator != "random" and not self.terms:
+            raise ValueError("no checkpoints to score with")
+
+    def score(self, batch: Batch, row_ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """[B] float64 scores. ``row_ids`` (optional) seeds the ``random`` estimator per row;
+        weights are ignored; soft batches (probs, soft labels) are scored like hard ones."""
+        est = self.cfg.estimator
+        if est == "random":
+            return E.random_scores(batch, derive_seed(self.seed, "influence", "random"), row_ids)
+        out = np.empty(len(batch), dtype=np.float64)
+        mb = max(1, int(self.cfg.micro_batch))
+        for s in range(0, len(batch), mb):
+            idx = torch.arange(s, min(s + mb, len(batch)))
+            part = G.cast_batch(batch.select(idx), self.dtype, self.device)
+            out[s : s + len(idx)] = self._score_micro(part).detach().to("cpu", torch.float64).numpy()
+        return out
+
+    def _score_micro(self, b: Batch) -> torch.Tensor:
+        est = self.cfg.estimator
+        if est == "tracin":
+            if self.method == "jvp":
+                return E.tracin_jvp(self.model, self.buffers, self.terms, b)
+            return E.tracin_vmap(self.model, self.buffers, self.terms, b, self.proj)
+        if est == "grad_norm":
+            return E.grad_norm(self.model, self.buffers, self.terms, b, self.proj)
+        return E.mean_loss(self.model, self.buffers, self.terms, b)

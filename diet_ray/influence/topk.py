@@ -1,0 +1,60 @@
+"""Top-k rows per label by influence, streaming: a top-k per block (``map_batches``), then a
+running merge on the driver that never holds more than (k + one block's top-k) rows. The full
+stage is never sorted or collected on one node.
+
+Order: for each label in ``k_per_label``'s order, score descending; ties by ``_row_id``
+ascending when the column exists (else by position), so the result does not depend on how the
+stage was split into blocks.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import pyarrow as pa
+
+LABEL = "_label"
+ROW_ID = "_row_id"
+
+
+def topk_numpy(scores: np.ndarray, labels: np.ndarray, k_per_label: Dict[int, int], tiebreak: Optional[np.ndarray] = None) -> np.ndarray:
+    """Indices of the top ``k_per_label[l]`` scores among rows with (rounded) label l."""
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    labels = np.rint(np.asarray(labels, dtype=np.float64)).astype(np.int64)
+    tb = np.arange(len(scores)) if tiebreak is None else np.asarray(tiebreak)
+    out = []
+    for label, k in k_per_label.items():
+        idx = np.flatnonzero(labels == int(label))
+        if k <= 0 or idx.size == 0:
+            continue
+        order = np.lexsort((tb[idx], -scores[idx]))[: int(k)]
+        out.append(idx[order])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def table_topk(table: pa.Table, k_per_label: Dict[int, int], score_col: str = "influence") -> pa.Table:
+    tb = table.column(ROW_ID).to_numpy() if ROW_ID in table.column_names else None
+    idx = topk_numpy(table.column(score_col).to_numpy(), table.column(LABEL).to_numpy(), k_per_label, tb)
+    return table.take(pa.array(idx, type=pa.int64()))
+
+
+def streaming_topk(ds, k_per_label: Dict[int, int], score_col: str = "influence") -> pa.Table:
+    """The winning rows with all their columns, sorted by score desc within each label."""
+    k_per_label = {int(k): int(v) for k, v in k_per_label.items()}
+    per_block = ds.map_batches(
+        table_topk,
+        fn_kwargs={"k_per_label": k_per_label, "score_col": score_col},
+        batch_format="pyarrow",
+        batch_size=None,  # one call per block
+        zero_copy_batch=True,
+    )
+    best: Optional[pa.Table] = None
+    for part in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
+        if part.num_rows == 0:
+            continue
+        merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
+        best = table_topk(merged, k_per_label, score_col)
+    if best is None:
+        base = getattr(per_block.schema(), "base_schema", None)
+        return base.empty_table() if isinstance(base, pa.Schema) else pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64())})
+    return best

@@ -1,0 +1,185 @@
+"""Influence-aware memory addressing (DESIGN §5): how many slots to grow, which to replace,
+which to refine, and the label mix of the new slots.
+
+Rules (our choices where the paper is silent):
+- Capacity: C_t = ceil(ratio * rows_seen), capped by ``max_slots``; with ``growth=False`` it
+  stays at the first stage's C_1 (passed in, or the current memory size).
+- Replace: only slots whose influence on the new reference is *negative* (they pull the model
+  away from where the stream is going) are stale; the most negative first, at most
+  floor(replace_frac * |M|). A slot that still helps is never thrown away to make room.
+- Refine: A_t = new ∪ replaced ∪ the top ceil(refine_frac * |kept|) kept slots by
+  |influence|. DESIGN ranks by |matching gradient|; we use the slot's TracIn score against the
+  new reference as the proxy (same checkpoints, same reference gradient, already computed
+  for the replace rule), so addressing costs no extra backward pass.
+- ``addressing=False`` (ablation): no replacement, every slot refined; growth still follows
+  the capacity rule.
+- Label mix: the new slots' positive count is chosen so the memory's positive fraction (slots
+  with sigmoid(label_logit) >= 0.5) lands as close as possible to the stage's positive rate;
+  the achieved rate and whether it is within ``label_tolerance`` are reported.
+
+Applying a plan (``apply_plan``): the first ``len(replace_idx)`` new slots go, in order, to
+the replaced positions; the remaining ``grow`` new slots are appended. So ``refine_idx``
+indexes the memory *after* ``apply_plan``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from diet_ray.memory.slots import SlotMemory
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AddressPlan:
+    grow: int  # new slots appended
+    replace_idx: np.ndarray  # positions in the current memory to re-initialise
+    refine_idx: np.ndarray  # positions in the NEW memory that are learnable this stage
+    n_pos_new: int  # positives among the grow + replaced new slots
+    n_neg_new: int
+    capacity: int = 0  # C_t used for this stage
+    target_pos_rate: float = 0.0  # the stage's positive rate
+    achieved_pos_rate: float = 0.0  # the memory's positive rate after the plan (initial labels)
+    within_tolerance: bool = True
+
+    @property
+    def n_new(self) -> int:
+        return self.grow + len(self.replace_idx)
+
+    def summary(self) -> dict:
+        return {
+            "capacity": self.capacity,
+            "grown": self.grow,
+            "replaced": int(len(self.replace_idx)),
+            "refined": int(len(self.refine_idx)),
+            "n_pos_new": self.n_pos_new,
+            "n_neg_new": self.n_neg_new,
+            "pos_rate_target": self.target_pos_rate,
+            "pos_rate_planned": self.achieved_pos_rate,
+            "label_mix_ok": self.within_tolerance,
+        }
+
+
+def capacity(rows_seen: int, cfg) -> int:
+    """ceil(ratio * rows_seen), capped by ``max_slots`` (``cfg`` is a MemoryConfig)."""
+    # round() first: 0.01 * 700 is 7.000000000000001 in floating point.
+    c = int(math.ceil(round(float(cfg.ratio) * int(rows_seen), 9)))
+    if cfg.max_slots is not None:
+        c = min(c, int(cfg.max_slots))
+    return max(c, 0)
+
+
+def _order(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Indices sorting ``keys`` ascending, ties broken by a seeded random permutation."""
+    tie = rng.permutation(len(keys))
+    return np.lexsort((tie, keys))
+
+
+def plan_stage(
+    memory: Optional[SlotMemory],
+    slot_influence: Optional[np.ndarray],
+    rows_seen: int,
+    stage_pos_rate: float,
+    cfg,
+    rng: np.random.Generator,
+    fixed_capacity: Optional[int] = None,
+    available_pos: Optional[int] = None,
+    available_neg: Optional[int] = None,
+) -> AddressPlan:
+    """Plan stage t's addressing (see the module docstring). ``cfg`` is a MemoryConfig.
+
+    ``fixed_capacity``: C_1 for ``growth=False`` (default: the current memory size).
+    ``available_pos`` / ``available_neg``: rows of each label the stage can supply (the new
+    slots cannot outnumber them)."""
+    s = len(memory) if memory is not None else 0
+    cap = capacity(rows_seen, cfg)
+    if not cfg.growth and s > 0:
+        cap = int(fixed_capacity) if fixed_capacity is not None else s
+    grow = max(cap - s, 0)
+    if cap < s:
+        log.warning("addressing: memory has %d slots, above capacity %d; not growing", s, cap)
+
+    infl = None if slot_influence is None else np.asarray(slot_influence, dtype=np.float64)
+    if infl is not None and len(infl) != s:
+        raise ValueError(f"plan_stage: {len(infl)} slot influence scores for {s} slots")
+
+    replace_idx = np.zeros(0, np.int64)
+    if cfg.addressing and infl is not None and s > 0:
+        budget = int(math.floor(cfg.replace_frac * s + 1e-9))
+        order = _order(infl, rng)
+        stale = order[infl[order] < 0.0]
+        replace_idx = np.sort(stale[:budget]).astype(np.int64)
+
+    # The stage can only supply so many rows: keep capacity growth first, then replacements.
+    avail = None
+    if available_pos is not None and available_neg is not None:
+        avail = int(available_pos) + int(available_neg)
+        grow = min(grow, avail)
+        if len(replace_idx) > avail - grow:
+            keep = _order(infl[replace_idx], rng)[: avail - grow]  # type: ignore[index]
+            replace_idx = np.sort(replace_idx[keep])
+    n_rep = len(replace_idx)
+    n_new = grow + n_rep
+
+    # Label mix over the memory after the plan: kept slots' labels + the new slots'.
+    kept_mask = np.ones(s, dtype=bool)
+    kept_mask[replace_idx] = False
+    kept_pos = int(memory.positive_mask()[kept_mask].sum()) if s else 0
+    total = s + grow
+    n_pos = int(round(stage_pos_rate * total - kept_pos))
+    n_pos = min(max(n_pos, 0), n_new)
+    if available_pos is not None:
+        n_pos = min(n_pos, int(available_pos))
+    if available_neg is not None and n_new - n_pos > int(available_neg):
+        n_pos = n_new - int(available_neg)
+    n_neg = n_new - n_pos
+    achieved = (kept_pos + n_pos) / total if total else 0.0
+    ok = abs(achieved - stage_pos_rate) <= cfg.label_tolerance + 1e-12
+    if not ok and total:
+        log.info(
+            "addressing: label mix %.4f cannot reach the stage rate %.4f +- %.4f with %d new slots",
+            achieved, stage_pos_rate, cfg.label_tolerance, n_new,
+        )
+
+    new_size = s + grow
+    if not cfg.addressing or s == 0:
+        refine_idx = np.arange(new_size, dtype=np.int64)
+    else:
+        kept = np.flatnonzero(kept_mask)
+        n_top = int(math.ceil(cfg.refine_frac * len(kept) - 1e-9))
+        if infl is not None:
+            top = kept[_order(-np.abs(infl[kept]), rng)[:n_top]]
+        else:  # no scores: a seeded random subset of the same size
+            top = rng.permutation(kept)[:n_top]
+        refine_idx = np.unique(np.concatenate([replace_idx, np.arange(s, new_size), top]).astype(np.int64))
+
+    return AddressPlan(
+        grow=int(grow),
+        replace_idx=replace_idx.astype(np.int64),
+        refine_idx=refine_idx,
+        n_pos_new=int(n_pos),
+        n_neg_new=int(n_neg),
+        capacity=int(cap),
+        target_pos_rate=float(stage_pos_rate),
+        achieved_pos_rate=float(achieved),
+        within_tolerance=bool(ok),
+    )
+
+
+def apply_plan(memory: Optional[SlotMemory], plan: AddressPlan, new_slots: SlotMemory) -> SlotMemory:
+    """The memory after the plan: replaced positions take the first new slots (in order), the
+    rest are appended. ``new_slots`` must hold exactly ``plan.n_new`` slots."""
+    if len(new_slots) != plan.n_new:
+        raise ValueError(f"apply_plan: {len(new_slots)} new slots for a plan needing {plan.n_new}")
+    if memory is None or len(memory) == 0:
+        return new_slots
+    n_rep = len(plan.replace_idx)
+    out = memory.replace(plan.replace_idx, new_slots.take(np.arange(n_rep))) if n_rep else memory
+    if plan.grow:
+        out = SlotMemory.concat([out, new_slots.take(np.arange(n_rep, plan.n_new))])
+    return out
