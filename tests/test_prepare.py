@@ -314,3 +314,27 @@ def test_too_many_rejects_is_one_clear_error(tmp_path, capsys):
     code = main(["prepare", "-c", str(tmp_path / "cfg-run.yaml")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and "top reason: malformed_row" in err
+
+
+def test_bench_prepare_small(tmp_path, capsys):
+    from diet_ray.bench import run_bench
+
+    cfg = load_config(None, ["data.source=synthetic://default?rows=20000&stages=4&users=500&items=900",
+                             "data.stages.count=4"])
+    result = run_bench("prepare", cfg, str(tmp_path / "b"), rows=20_000)
+    assert result["rows"] == 20_000 and result["stages"] == 4
+    assert result["rows_per_s"] > 0 and result["peak_rss_mb"] > 0
+    assert sum(s["rows"] for s in result["per_stage"]) == 20_000
+    assert json.loads((tmp_path / "b" / "prepare.json").read_text())["rows"] == 20_000
+    assert "rows_per_s" in capsys.readouterr().out
+
+
+def test_relative_join_sources_resolve_next_to_the_log(tmp_path):
+    from diet_ray.data.prepare import resolve_join_source
+
+    assert resolve_join_source("s3://b/ml/ratings.csv", "movies.csv") == "s3://b/ml/movies.csv"
+    assert resolve_join_source("s3://b/ml/", "movies.csv") == "s3://b/ml/movies.csv"
+    assert resolve_join_source(str(tmp_path / "ratings.csv"), "movies.csv") == str(tmp_path / "movies.csv")
+    assert resolve_join_source(str(tmp_path), "movies.csv") == str(tmp_path / "movies.csv")
+    assert resolve_join_source("ratings.csv", "movies.csv") == "movies.csv"
+    assert resolve_join_source("s3://b/ml/r.csv", "/abs/m.csv") == "/abs/m.csv"

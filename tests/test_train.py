@@ -81,3 +81,17 @@ def test_single_class_test_set_gives_nan_auc():
     test = Batch(test.ids, test.numeric, torch.ones(100))
     out = train_candidate({"model": "lr"}, SPEC, train, test, TrainConfig(), seed=0, threads=1)
     assert math.isnan(out["auc"]) and math.isfinite(out["logloss"])
+
+
+def test_min_steps_adds_passes_for_small_training_sets():
+    train, test = separable(300, 0), separable(200, 1)
+    cand = {"model": "lr", "lr": 0.05}
+    by_epochs = train_candidate(cand, SPEC, train, test, TrainConfig(epochs=3, batch_size=256), seed=0, threads=1)
+    assert by_epochs["sample_steps"] == 3 * 300
+    # 2 steps per pass (256 + 44 rows); 7 steps = 3 full passes + one 256-row step
+    at_least = train_candidate(cand, SPEC, train, test, TrainConfig(epochs=1, batch_size=256, min_steps=7), seed=0, threads=1)
+    assert at_least["sample_steps"] == 3 * 300 + 256
+    assert at_least["logloss"] != by_epochs["logloss"]
+    # min_steps below epochs' own steps changes nothing
+    same = train_candidate(cand, SPEC, train, test, TrainConfig(epochs=3, batch_size=256, min_steps=2), seed=0, threads=1)
+    assert same == {**by_epochs, "wall_s": same["wall_s"]}

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -97,17 +97,21 @@ class _Join:
     columns: Dict[str, pa.Array]
 
 
+def resolve_join_source(source: str, join_source: str) -> str:
+    """A relative join source is resolved against data.source's directory (so it can travel with the logs)."""
+    if "://" in join_source or join_source.startswith("/"):
+        return join_source
+    base = source_dir(source)
+    return fs.join(base, join_source) if base else join_source
+
+
 def _load_joins(dc: DataConfig, available: List[str]) -> List[_Join]:
     joins = []
     for i, j in enumerate(dc.joins):
         key = f"data.joins[{i}]"
         if not j.source or not j.on:
             raise ConfigError(f"{key} needs both 'source' and 'on' (quote \"on\" in YAML: a bare on: reads as true)")
-        src = j.source
-        if not fs.is_remote(src) and not src.startswith("/") and not fs.is_remote(dc.source):
-            src = fs.join(source_dir(dc.source), src) if source_dir(dc.source) else src
-        elif fs.is_remote(dc.source) and "://" not in src and not src.startswith("/"):
-            src = fs.join(source_dir(dc.source), src)
+        src = resolve_join_source(dc.source, j.source)
         check_columns(dc.source, available, [(f"{key}.on", j.on)])
         side = read_side_table(src, j.format, j.delimiter, j.columns)
         check_columns(src, side.column_names, [(f"{key}.on", j.on)])

@@ -240,11 +240,10 @@ class Source:
 def open_source(uri: str, fmt: str, delimiter: str, declared: Optional[Sequence[str]], needed: Sequence[str]) -> Source:
     """Resolve ``uri`` into files and learn the column names (from the header, data.columns, or the Parquet schema)."""
     if is_synthetic(uri):
-        from diet_ray.data.synthetic import parse_source
+        from diet_ray.data.synthetic import COLUMNS, parse_source
 
         parse_source(uri)
-        cols = ["user", "item", "category", "brand", "city", "device", "hour", "price", "user_activity", "click", "ts"]
-        return Source(uri, [uri], "synthetic", cols)
+        return Source(uri, [uri], "synthetic", list(COLUMNS))
     files = fs.expand(uri)
     if fmt == "auto" and len(files) > 1:
         # A directory may hold a README or checksums beside the data: keep the recognisable files.

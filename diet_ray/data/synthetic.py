@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SCHEME = "synthetic://"
 BLOCK_ROWS = 65_536  # generation unit; fixed so output never depends on chunk size
 STAGE_SECONDS = 86_400
+COLUMNS = ("user", "item", "category", "brand", "city", "device", "hour", "price", "user_activity", "click", "ts")
 
 
 @dataclass

@@ -6,6 +6,7 @@ same loop: shuffled minibatches, ``weighted_bce`` with the batch's weights when 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, Optional
@@ -60,26 +61,37 @@ def torch_threads(threads: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def num_steps(rows: int, tc: TrainConfig) -> int:
+    """Optimiser steps for ``rows`` training rows: ``epochs`` passes, at least ``min_steps``."""
+    if rows == 0:
+        return 0
+    return max(tc.epochs * math.ceil(rows / tc.batch_size), tc.min_steps)
+
+
 def fit(model: CTRModel, train: Batch, tc: TrainConfig, seed: int, device: str = "cpu") -> int:
-    """``tc.epochs`` passes of shuffled minibatches; returns rows processed (sample-steps)."""
-    n = len(train)
-    if n == 0:
+    """Shuffled minibatch passes (a fresh permutation per pass) for ``num_steps`` steps;
+    returns rows processed (sample-steps)."""
+    n, total = len(train), num_steps(len(train), tc)
+    if total == 0:
         return 0
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(seed)
     data = train.to(device)
     model.train()
-    steps = 0
-    for _ in range(tc.epochs):
+    steps = rows = 0
+    while steps < total:
         order = torch.randperm(n, generator=gen).to(device)
         for start in range(0, n, tc.batch_size):
+            if steps == total:
+                break
             b = data.select(order[start : start + tc.batch_size])
             loss = weighted_bce(model.logits(b), b.label, b.weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            steps += len(b)
-    return steps
+            steps += 1
+            rows += len(b)
+    return rows
 
 
 _WARMED: set = set()

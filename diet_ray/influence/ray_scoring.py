@@ -98,7 +98,8 @@ def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dic
             f"influence.gpus_per_actor={cfg.gpus_per_actor} (ray.use_gpu={use_gpu}) but the Ray cluster reports no GPUs; "
             "set influence.gpus_per_actor=0 and ray.use_gpu=false, or add GPU nodes."
         )
-    return {"num_cpus": cpu_share(num_actors), "num_gpus": gpus}
+    # reserve=1.0: Ray Data read tasks ask for a whole CPU; with less left free they never start.
+    return {"num_cpus": cpu_share(num_actors, reserve=1.0), "num_gpus": gpus}
 
 
 def score_stage(

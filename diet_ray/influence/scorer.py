@@ -108,7 +108,8 @@ class InfluenceScorer:
         if not self.proj:
             self.proj = None
         self.method = method if method != "auto" else ("vmap" if self.proj else "jvp")
-        to = lambda d: {n: torch.as_tensor(a).to(device=self.device, dtype=self.dtype) for n, a in d.items()}  # noqa: E731
+        # np.array copies: arrays mapped from Ray's object store are read-only (once per actor, small).
+        to = lambda d: {n: torch.as_tensor(np.array(a)).to(device=self.device, dtype=self.dtype) for n, a in d.items()}  # noqa: E731
         self.terms: List[E.CheckpointTerm] = []
         for i, (lr, ps) in enumerate(zip(prepared.lrs, prepared.params)):
             gref = to(prepared.grefs[i]) if prepared.grefs is not None else None

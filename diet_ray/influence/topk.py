@@ -47,6 +47,7 @@ def streaming_topk(ds, k_per_label: Dict[int, int], score_col: str = "influence"
         batch_format="pyarrow",
         batch_size=None,  # one call per block
         zero_copy_batch=True,
+        num_cpus=0.25,  # cheap; must not wait for a whole CPU while scoring actors hold theirs
     )
     best: Optional[pa.Table] = None
     for part in per_block.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -1,0 +1,248 @@
+"""``diet-ray run``: distill every stage of the stream, resuming after the last committed one.
+
+Per stage t (DESIGN §5-§7): read D_t -> expert pass (K checkpoints) -> influence (rows of D_t on
+Ray actors with a streaming top-k; the current slots in process) -> addressing plan -> new
+slots from the selected rows -> bi-level Ray Train job over the addressed slots -> reconcile
+(validate shards, capacity) -> atomic commit -> a ``{"kind": "stage"}`` line in results.jsonl.
+
+Row selection. New slots (stage 0: the initial C_1; later: grown and replaced slots) are
+initialised from the most influential rows of D_t with the planned label mix; the top rows go
+to grown slots and the next ones to replaced slots. ``memory.init=random`` (ablation) draws
+those rows uniformly at random instead, at every stage (row scoring is then skipped).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from diet_ray.config import Config, config_hash, derive_seed
+from diet_ray.data import fs
+from diet_ray.data.feature_map import FeatureMap
+from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
+from diet_ray.distill.expert import ExpertStage, StreamExpert
+from diet_ray.errors import RunStateError
+from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
+from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
+from diet_ray.memory.slots import SlotMemory, load_stage_memory
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+
+
+def _id_counts(fmap: FeatureMap, rows: EncodedRows) -> List[np.ndarray]:
+    return [np.bincount(rows.cat[:, f], minlength=c.vocab_size).astype(np.int64) for f, c in enumerate(fmap.categorical)]
+
+
+def _select_rows(
+    store: StageStore,
+    stage: int,
+    rows: EncodedRows,
+    es: ExpertStage,
+    plan: AddressPlan,
+    cfg: Config,
+) -> tuple[EncodedRows, Optional[np.ndarray]]:
+    """The rows that initialise the plan's new slots, most influential first (or random)."""
+    want = {1: plan.n_pos_new, 0: plan.n_neg_new}
+    if cfg.memory.init == "random" or len(es.ref_rows) == 0:
+        rng = np.random.default_rng(derive_seed(cfg.seed, "random-init", stage))
+        picked = []
+        for label, k in want.items():
+            idx = np.flatnonzero(np.rint(rows.label) == label)
+            picked.append(rng.permutation(idx)[:k])
+        idx = np.concatenate(picked).astype(np.int64)
+        return rows.take(rng.permutation(idx)), None
+    from diet_ray.influence.ray_scoring import score_stage
+    from diet_ray.influence.topk import streaming_topk
+
+    scored = score_stage(
+        store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
+        es.ref_rows.batch(), store.fmap, cfg.influence, derive_seed(cfg.seed, "influence", stage),
+        use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0,
+    )
+    top = streaming_topk(scored, want)
+    selected = EncodedRows.from_table(top, store.fmap)
+    scores = top.column("influence").to_numpy().astype(np.float64)
+    order = np.lexsort((selected.row_id, -scores))  # most influential first across both labels
+    return selected.take(order), scores[order]
+
+
+def _new_slots(
+    memory: Optional[SlotMemory],
+    plan: AddressPlan,
+    rows: EncodedRows,
+    scores: Optional[np.ndarray],
+    fmap: FeatureMap,
+    cfg: Config,
+    stage: int,
+    id_freq: List[np.ndarray],
+) -> SlotMemory:
+    """Slots for the plan in apply_plan's order: replaced positions first, then grown ones. The
+    best rows go to growth (DESIGN §5: grow from the most influential, replace from the next)."""
+    n_rep = len(plan.replace_idx)
+    order = np.r_[np.arange(plan.grow, plan.grow + n_rep), np.arange(plan.grow)].astype(np.int64)
+    first = memory.next_slot_id() if memory is not None else 0
+    rng = np.random.default_rng(derive_seed(cfg.seed, "slot-init", stage))
+    return SlotMemory.from_rows(
+        rows.take(order), fmap, cfg.memory, stage, first, rng,
+        influence=None if scores is None else scores[order], id_freq=id_freq,
+    )
+
+
+def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any], cfg: Config, fmap: FeatureMap) -> None:
+    commit_stage(run_dir, stage, memory, metrics, config_hash(cfg), fmap=fmap)
+    fs.append_jsonl(fs.join(run_dir, RESULTS_FILE), [dict(kind="stage", **metrics)])
+
+
+def run_stage(
+    t: int,
+    store: StageStore,
+    expert: StreamExpert,
+    memory: Optional[SlotMemory],
+    id_freq: List[np.ndarray],
+    cfg: Config,
+    run_dir: str,
+) -> tuple[SlotMemory, Dict[str, Any]]:
+    """Distill stage ``t`` and commit it; returns the committed memory and its metrics.
+    ``id_freq`` (id counts through stage t-1) is updated in place to include stage t."""
+    from diet_ray.distill.trainer import fit_stage
+    from diet_ray.influence.scorer import InfluenceScorer
+
+    fmap = store.fmap
+    t_stage = time.perf_counter()
+    rows = store.read_stage(t)
+    for f, counts in enumerate(_id_counts(fmap, rows)):
+        id_freq[f] += counts
+    rows_seen = int(sum(s.rows for s in fmap.stages[: t + 1]))
+    pos_rate = float(rows.label.mean()) if len(rows) else 0.0
+
+    t0 = time.perf_counter()
+    es = expert.load_stage(t) or expert.train_stage(t, rows)
+    expert_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    slot_infl = None
+    if memory is not None and len(memory) and len(es.ref_rows):
+        scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
+                                 derive_seed(cfg.seed, "influence", t))
+        slot_infl = scorer.score(memory.to_batch(cfg.memory.temperature))
+        memory = memory.detached()
+        memory.last_influence[:] = slot_infl
+    n_pos = int((np.rint(rows.label) == 1).sum())
+    plan = plan_stage(
+        memory, slot_infl, rows_seen, pos_rate, cfg.memory, np.random.default_rng(derive_seed(cfg.seed, "addressing", t)),
+        available_pos=n_pos, available_neg=len(rows) - n_pos,
+    )
+    if plan.n_new:
+        selected, scores = _select_rows(store, t, rows, es, plan, cfg)
+        if len(selected) != plan.n_new:
+            raise RunStateError(f"stage {t}: selected {len(selected)} rows for {plan.n_new} new slots")
+        new = _new_slots(memory, plan, selected, scores, fmap, cfg, t, id_freq)
+        memory = apply_plan(memory, plan, new)
+    elif memory is None:
+        memory = SlotMemory.empty(fmap, cfg.memory.support_k)
+    influence_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if len(rows) and len(memory):
+        result = fit_stage(memory, plan.refine_idx, es.checkpoints, store.ray_dataset(t), fmap, cfg, t, run_dir)
+        shards, bilevel = result.shards, result.metrics
+    else:
+        shards, bilevel = [memory], {"skipped": True}
+    bilevel_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mix: Dict[str, Any] = {}
+    merged = validate_shards(shards, plan.capacity, fmap, pos_rate, cfg.memory.label_tolerance, report=mix)
+    cap_bound = capacity(rows_seen, cfg.memory)
+    if len(merged) > cap_bound:
+        raise RunStateError(f"stage {t}: {len(merged)} slots exceed ceil(ratio * rows_seen) = {cap_bound}")
+    metrics: Dict[str, Any] = {
+        "stage": t,
+        "rows": len(rows),
+        "rows_seen": rows_seen,
+        "capacity": plan.capacity,
+        "slots": len(merged),
+        "grown": plan.grow,
+        "replaced": int(len(plan.replace_idx)),
+        "refined": int(len(plan.refine_idx)),
+        "expert_s": expert_s,
+        "influence_s": influence_s,
+        "bilevel_s": bilevel_s,
+        "outer_loss_start": bilevel.get("outer_loss_start"),
+        "outer_loss_end": bilevel.get("outer_loss_end"),
+        "pos_rate_stage": pos_rate,
+        "pos_rate_memory": mix.get("pos_rate_memory"),
+        "label_mix_ok": mix.get("label_mix_ok"),
+        "expert_sample_steps": es.sample_steps,
+        "expert_wall_s": es.wall_s,
+        "bilevel": bilevel,
+        "workers": int(cfg.ray.num_workers),
+        "next_slot_id": merged.next_slot_id(),
+    }
+    metrics["reconcile_s"] = time.perf_counter() - t0  # validation + commit (commit timed below)
+    _commit(run_dir, t, merged, metrics, cfg, fmap)
+    metrics["reconcile_s"] = time.perf_counter() - t0
+    metrics["stage_s"] = time.perf_counter() - t_stage
+    return merged, metrics
+
+
+def _stage_line(m: Dict[str, Any]) -> str:
+    a, b = m.get("outer_loss_start"), m.get("outer_loss_end")
+    loss = f"{a:.4f} -> {b:.4f}" if a is not None and b is not None else "skipped"
+    return (
+        f"stage {m['stage']}: {m['rows']} rows | expert {m['expert_s']:.1f}s influence {m['influence_s']:.1f}s "
+        f"bi-level {m['bilevel_s']:.1f}s reconcile {m['reconcile_s']:.1f}s | outer loss {loss} | "
+        f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined)"
+    )
+
+
+def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
+    """Distill every stage not yet committed; returns a summary (``resumed`` when stages existed)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from diet_ray.ray_runtime import init_ray
+    from diet_ray.run_dir import open_run_dir
+
+    t_run = time.perf_counter()
+    run_dir = open_run_dir(cfg)
+    if not fs.exists(fs.join(prepared_dir(run_dir), "_SUCCESS")):
+        from diet_ray.data.prepare import prepare
+
+        prepare(cfg)
+    store = StageStore(run_dir)
+    fmap = store.fmap
+    last = last_committed_stage(run_dir, config_hash(cfg))
+    todo = list(range(last + 1, store.num_stages))
+    summary: Dict[str, Any] = {"run_dir": run_dir, "stages": store.num_stages, "resumed": last >= 0,
+                               "resumed_after": last, "new_stages": todo, "per_stage": []}
+    if last >= 0:
+        log.info("resuming %s after committed stage %d", run_dir, last)
+    if not todo:
+        memory = load_stage_memory(run_dir, last)
+        summary.update(slots=len(memory), wall_s=time.perf_counter() - t_run)
+        log.info("nothing to do: all %d stages of %s are committed", store.num_stages, run_dir)
+        return summary
+
+    init_ray(cfg.ray, verbose)
+    expert = StreamExpert.from_config(cfg, fmap, run_dir)
+    memory: Optional[SlotMemory] = load_stage_memory(run_dir, last) if last >= 0 else None
+    id_freq = [np.zeros(c.vocab_size, np.int64) for c in fmap.categorical]
+    for t in range(last + 1):  # id frequencies through the resumed stage
+        for f, counts in enumerate(_id_counts(fmap, store.read_stage(t))):
+            id_freq[f] += counts
+        if expert.load_stage(t) is None:
+            raise RunStateError(f"stage {t} is committed but its expert checkpoints are missing under {run_dir}/expert; use a new run.dir")
+
+    with logging_redirect_tqdm():
+        for t in tqdm(todo, desc="stages", unit="stage", disable=not (verbose or sys.stderr.isatty())):
+            memory, m = run_stage(t, store, expert, memory, id_freq, cfg, run_dir)
+            summary["per_stage"].append(m)
+            log.info(_stage_line(m))
+    summary.update(slots=len(memory) if memory is not None else 0, wall_s=time.perf_counter() - t_run)
+    return summary
