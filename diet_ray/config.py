@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from diet_ray.errors import ConfigError
@@ -267,6 +267,15 @@ def _explain(err: OmegaConfBaseException, schema: DictConfig, origin: str, attem
     return ConfigError(f"{origin}: bad value for '{key}': {msg}")
 
 
+def _yaml_on_key(d: Any) -> Any:
+    """YAML 1.1 reads a bare ``on:`` key as boolean true; join specs use ``on``, so map it back."""
+    if isinstance(d, dict):
+        return {("on" if k is True else k): _yaml_on_key(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_yaml_on_key(v) for v in d]
+    return d
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Load defaults <- YAML file <- ``key=value`` overrides, validated against the schema."""
     schema = OmegaConf.structured(Config)
@@ -278,6 +287,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise ConfigError(f"config file not found: {path}. Pass an existing YAML file with -c.")
         except Exception as e:  # yaml syntax
             raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}")
+        file_cfg = OmegaConf.create(_yaml_on_key(OmegaConf.to_container(file_cfg)))
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
         except OmegaConfBaseException as e:
@@ -285,10 +295,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not key=value (e.g. seed=3 or data.stages.count=8)")
+        key = ov.split("=", 1)[0].strip()
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([ov]))
+            value = OmegaConf.select(OmegaConf.from_dotlist([ov]), key)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value)
+            # update (not merge) so list items can be addressed: data.joins.0.source=...
+            OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as e:
-            raise _explain(e, schema, f"override '{ov}'", ov.split("=", 1)[0].strip())
+            raise _explain(e, schema, f"override '{ov}'", key)
+        except (TypeError, ValueError, IndexError) as e:
+            raise ConfigError(f"override '{ov}': cannot set '{key}': {str(e).splitlines()[0]}")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

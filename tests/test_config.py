@@ -88,3 +88,14 @@ def test_run_dir_refuses_changed_result_key(tmp_path):
     open_run_dir(C.load_config(None, [f"run.dir={tmp_path / 'r'}", "ray.num_workers=1"]))  # not result-affecting
     with pytest.raises(RunStateError, match="seed"):
         open_run_dir(C.load_config(None, [f"run.dir={tmp_path / 'r'}", "seed=5"]))
+
+
+def test_list_item_override_and_bare_on_key(tmp_path):
+    p = tmp_path / "j.yaml"
+    p.write_text("data:\n  joins:\n    - source: movies.csv\n      on: movieId\n")
+    cfg = C.load_config(str(p), ["data.joins.0.source=/abs/movies.csv", "data.stages={by: time, every: 1d}"])
+    assert cfg.data.joins[0].on == "movieId"
+    assert cfg.data.joins[0].source == "/abs/movies.csv"
+    assert cfg.data.stages.by == "time" and cfg.data.stages.every == "1d"
+    with pytest.raises(ConfigError, match="data.joins.3"):
+        C.load_config(str(p), ["data.joins.3.source=x"])
