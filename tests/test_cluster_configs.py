@@ -104,9 +104,8 @@ def test_aws_node_configs():
     assert all(t.split(".")[0] in {"g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5"} for t in gpu_instances)
     for key, node in types.items():
         assert node["node_config"]["ImageId"], key
-        if key != head:
-            # Workers need their own S3 access; Ray only gives the head a default profile.
-            assert node["node_config"]["IamInstanceProfile"]["Name"], key
+        # Every node needs S3 access; Ray would give only the head a (broad) default profile.
+        assert node["node_config"]["IamInstanceProfile"]["Name"], key
 
 
 def test_gcp_node_configs():

@@ -144,3 +144,29 @@ def test_memory_variant_trains_on_the_committed_memory(tmp_path):
         assert m["train_rows"] == 300 and m["sample_steps"] == 2 * 300 and f["train_rows"] == 1500
         assert m["seed"] == f["seed"]  # same initialisation; only the data differs
         assert 0.5 < m["auc"] < 1
+
+
+def test_movielens_subset_with_ray_tasks(tmp_path, movielens, configs_dir, ray_local):
+    """Real log end to end: prepare (called by evaluate), candidates as parallel Ray tasks."""
+    src = tmp_path / "ml"
+    src.mkdir()
+    with open(movielens / "ratings.csv") as f:
+        head = [next(f) for _ in range(20_001)]
+    (src / "ratings.csv").write_text("".join(head))
+    (src / "movies.csv").write_bytes((movielens / "movies.csv").read_bytes())
+    run_dir = tmp_path / "run"
+    cands = "[{model: lr, lr: 0.05}, {model: fm, embed_dim: 8, lr: 0.01}, {model: dnn, embed_dim: 8, hidden: [32]}]"
+    cfg = load_config(
+        str(configs_dir / "movielens.yaml"),
+        [f"data.source={src / 'ratings.csv'}", f"run.dir={run_dir}", "data.stages.count=4", f"evaluate.candidates={cands}", "evaluate.parallel=true"],
+    )
+    recs = evaluate(cfg)
+    assert (run_dir / "prepared" / "_SUCCESS").exists()
+    lines = [json.loads(l) for l in open(run_dir / "results.jsonl")]
+    assert len(lines) == len(recs) == 4  # popularity + 3 candidates, variant full, stage 2 -> 3
+    assert {(r["stage"], r["test_stage"], r["variant"]) for r in lines} == {(2, 3, "full")}
+    assert sorted(r["model"] for r in lines) == ["dnn", "fm", "lr", "popularity"]
+    for r in lines:
+        assert 0.5 < r["auc"] < 1 and math.isfinite(r["logloss"]), r
+        assert r["train_rows"] > r["test_rows"] > 4000
+    assert [r for r in lines if r["candidate"] == "popularity"][0]["field"] == "movieId"

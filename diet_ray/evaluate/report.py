@@ -9,6 +9,8 @@ from diet_ray.errors import DataError
 
 log = logging.getLogger(__name__)
 
+POPULARITY = "popularity"
+
 
 def evaluate_records(run_dir: str) -> List[Dict[str, Any]]:
     path = fs.join(run_dir, "results.jsonl")
@@ -23,7 +25,8 @@ def evaluate_records(run_dir: str) -> List[Dict[str, Any]]:
 
 
 def plot_evaluate_auc(recs: List[Dict[str, Any]], out: str) -> str:
-    """One panel per variant: test-stage AUC per candidate (popularity dashed as the floor)."""
+    """Several test stages: one panel per variant, AUC per candidate over stages. One test stage:
+    grouped bars, candidate x variant. The popularity baseline is drawn dashed as the floor."""
     import io
 
     import matplotlib
@@ -32,21 +35,40 @@ def plot_evaluate_auc(recs: List[Dict[str, Any]], out: str) -> str:
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in recs))
-    cands = list(dict.fromkeys(r["candidate"] for r in recs))
-    fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants), 4.5), squeeze=False, sharey=True)
-    for ax, variant in zip(axes[0], variants):
-        for c in cands:
-            pts = sorted((r["test_stage"], r["auc"]) for r in recs if r["candidate"] == c and r["variant"] == variant)
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            style = "--" if c == "popularity" else "-"
-            ax.plot(xs, ys, style, marker="o", label=c)
-        ax.set_title(f"candidate AUC ({variant})")
-        ax.set_xlabel("test stage")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("AUC")
-    axes[0][-1].legend(fontsize=7, loc="best")
+    cands = list(dict.fromkeys(r["candidate"] for r in recs if r["candidate"] != POPULARITY))
+    stages = sorted({r["test_stage"] for r in recs})
+    pop = {r["test_stage"]: r["auc"] for r in recs if r["candidate"] == POPULARITY}
+    auc = {(r["test_stage"], r["candidate"], r["variant"]): r["auc"] for r in recs}
+    if len(stages) == 1:
+        s = stages[0]
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(cands) * len(variants) + 1.5))
+        h = 0.8 / len(variants)
+        for j, v in enumerate(variants):
+            ys = [i + j * h for i in range(len(cands))]
+            ax.barh(ys, [auc.get((s, c, v), float("nan")) for c in cands], height=h, label=v)
+        ax.set_yticks([i + h * (len(variants) - 1) / 2 for i in range(len(cands))], cands, fontsize=8)
+        ax.invert_yaxis()
+        if s in pop:
+            ax.axvline(pop[s], color="k", ls="--", lw=1, label=f"popularity {pop[s]:.3f}")
+        finite = [a for a in auc.values() if a == a] + list(pop.values())
+        ax.set_xlim(max(0.0, min(finite) - 0.02), min(1.0, max(finite) + 0.01))
+        ax.set_xlabel(f"AUC on test stage {s}")
+        ax.legend(fontsize=8, loc="lower right")
+    else:
+        fig, axes = plt.subplots(1, len(variants), figsize=(6 * len(variants) + 3, 4.5), squeeze=False, sharey=True)
+        for ax, v in zip(axes[0], variants):
+            for i, c in enumerate(cands):
+                pts = [(s, auc[(s, c, v)]) for s in stages if (s, c, v) in auc]
+                if pts:  # fixed colour per candidate across panels
+                    ax.plot(*zip(*pts), marker="o", color=f"C{i % 10}", label=c)
+            if pop:
+                ax.plot(*zip(*sorted(pop.items())), "k--", marker=".", label=POPULARITY)
+            ax.set_title(f"candidate AUC ({v})")
+            ax.set_xlabel("test stage")
+            ax.set_xticks(stages)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("AUC")
+        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

@@ -1,0 +1,187 @@
+"""``diet-ray bench influence``: the influence kernel against training, and the Ray actor pool end to end.
+
+Data: stage 0 of the configured stream, prepared into ``OUT/run``. For a ``synthetic://``
+source the stream is regenerated with two stages of ``rows`` rows each (default
+``bench.stage_rows``); real logs are used as prepared (``rows`` does not apply).
+
+Definitions (same model = ``expert.model``, same batch = ``influence.micro_batch`` rows, CPU,
+one torch thread = one actor's share on this machine):
+- ``train_rows_per_s``: plain Adam training steps over the stage's rows, in-process;
+- ``influence_rows_per_s``: the configured estimator over the stage's K checkpoints, in-process
+  (G_ref set-up excluded, reported as ``influence_setup_s``);
+- ``throughput_ratio`` = influence_rows_per_s / train_rows_per_s;
+- ``pipeline_rows_per_s``: rows / wall seconds of read -> actor pool -> scores consumed on the
+  driver, at the largest ``bench.actors`` value, actor start-up included;
+- ``pipeline_efficiency`` = pipeline_rows_per_s / (influence_rows_per_s x min(actors, cluster CPUs)):
+  the fraction of ideal linear scaling of the in-process kernel that the pipeline delivers;
+- ``overhead_rows_per_s``: the same pipeline with the ``random`` estimator (no model work): the
+  ceiling Ray Data's read + batching + actor hand-off puts on any scorer;
+- ``formats``: the pipeline at the largest actor count per batch format.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import resource
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from diet_ray.config import Config, derive_seed
+from diet_ray.data import fs
+from diet_ray.data.stages import StageStore
+from diet_ray.distill.expert import StreamExpert
+from diet_ray.influence.scorer import InfluenceScorer
+
+log = logging.getLogger(__name__)
+
+KERNEL_MAX_ROWS = 400_000  # in-process timings use at most this many rows (rates are steady well before)
+
+
+class _WorkerRss:
+    """Peak RSS over this node's Ray worker processes (``ray::`` titles), sampled every 100 ms."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for p in psutil.process_iter(["name", "memory_info"]):
+                try:
+                    if (p.info["name"] or "").startswith("ray::"):
+                        self.peak_mb = max(self.peak_mb, p.info["memory_info"].rss / 2**20)
+                except (psutil.Error, AttributeError):
+                    continue
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "_WorkerRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _bench_run(cfg: Config, out: str, rows: Optional[int]) -> Config:
+    from diet_ray.data.synthetic import is_synthetic, with_rows
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.dir = fs.join(out, "run")
+    if is_synthetic(cfg.data.source):
+        n = int(rows or cfg.bench.stage_rows)
+        cfg.data.source = with_rows(cfg.data.source, 2 * n)
+        cfg.data.stages.by, cfg.data.stages.count = "rows", 2
+    return cfg
+
+
+def _train_rate(expert: StreamExpert, batches: List, lr: float) -> float:
+    model = expert.build_model()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    step = lambda b: (opt.zero_grad(set_to_none=True), F.binary_cross_entropy_with_logits(model.logits(b), b.label).backward(), opt.step())  # noqa: E731
+    step(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
+def _pipeline(store: StageStore, cfg: Config, es, actors: int, estimator: str, batch_format: str) -> Dict[str, Any]:
+    from diet_ray.influence.ray_scoring import score_stage
+
+    icfg = dataclasses.replace(cfg.influence, num_actors=actors, estimator=estimator)
+    t0 = time.perf_counter()
+    ds = score_stage(
+        store.ray_dataset(0), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints, es.ref_rows.batch(),
+        store.fmap, icfg, derive_seed(cfg.seed, "influence", 0), use_gpu=bool(cfg.ray.use_gpu), batch_format=batch_format,
+    ).select_columns(["influence"])
+    n, first = 0, None
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        n += len(b["influence"])
+        if first is None:
+            first = time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    return {"actors": actors, "estimator": estimator, "format": batch_format, "rows": n, "wall_s": round(wall, 3),
+            "first_batch_s": round(first or wall, 3), "rows_per_s": n / wall}
+
+
+def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
+    from diet_ray.distill.stage_influence import ensure_prepared
+    from diet_ray.ray_runtime import cluster_cpus, init_ray
+    from diet_ray.run_dir import open_run_dir
+
+    cfg = _bench_run(cfg, out, rows)
+    run_dir = open_run_dir(cfg)
+    ensure_prepared(cfg, run_dir)
+    store = StageStore(run_dir)
+    stage_rows = store.read_stage(0)
+    expert = StreamExpert.from_config(cfg, store.fmap, run_dir)
+    es = expert.load_stage(0) or expert.train_stage(0, stage_rows)
+
+    # -- kernel: in-process, one thread, same model and batch size ---------------------------
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mb = int(cfg.influence.micro_batch)
+        n_k = min(len(stage_rows), KERNEL_MAX_ROWS)
+        batches = [stage_rows.batch(np.arange(s, min(s + mb, n_k))) for s in range(0, n_k, mb)]
+        train_rate = _train_rate(expert, batches, cfg.expert.lr)
+        t0 = time.perf_counter()
+        scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence, derive_seed(cfg.seed, "influence", 0))
+        setup_s = time.perf_counter() - t0
+        scorer.score(batches[0])  # warm-up (functorch tracing)
+        t0 = time.perf_counter()
+        for b in batches:
+            scorer.score(b)
+        infl_rate = n_k / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads_before)
+
+    # -- pipeline: the Ray actor pool end to end ---------------------------------------------
+    init_ray(cfg.ray, verbose)
+    cpus = cluster_cpus()
+    actor_counts = sorted({int(a) for a in cfg.bench.actors if int(a) >= 1}) or [int(cfg.influence.num_actors)]
+    top = actor_counts[-1]
+    with _WorkerRss() as wrss:
+        scaling = [_pipeline(store, cfg, es, a, cfg.influence.estimator, "numpy") for a in actor_counts]
+        formats = [next(r for r in scaling if r["actors"] == top)]
+        formats += [_pipeline(store, cfg, es, top, cfg.influence.estimator, f) for f in ("pyarrow", "pandas")]
+        overhead = _pipeline(store, cfg, es, top, "random", "numpy")
+    pipe = formats[0]["rows_per_s"]
+    ideal = infl_rate * min(top, cpus)
+    return {
+        "source": cfg.data.source,
+        "model": str(dict(cfg.expert.model)),
+        "estimator": cfg.influence.estimator,
+        "checkpoints": len([c for c in es.checkpoints if c.index >= 1]),
+        "stage_rows": len(stage_rows),
+        "batch_rows": mb,
+        "ray_batch_rows": int(cfg.influence.batch_size),
+        "kernel_threads": 1,
+        "cluster_cpus": cpus,
+        "train_rows_per_s": train_rate,
+        "influence_rows_per_s": infl_rate,
+        "influence_setup_s": setup_s,
+        "throughput_ratio": infl_rate / train_rate,
+        "pipeline_actors": top,
+        "pipeline_rows_per_s": pipe,
+        "pipeline_first_batch_s": formats[0]["first_batch_s"],
+        "pipeline_efficiency": pipe / ideal,
+        "overhead_rows_per_s": overhead["rows_per_s"],
+        "best_format": max(formats, key=lambda r: r["rows_per_s"])["format"],
+        "expert_wall_s": es.wall_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_worker_rss_mb": wrss.peak_mb,
+        "actors": [{k: r[k] for k in ("actors", "rows_per_s", "wall_s", "first_batch_s")} for r in scaling],
+        "formats": [{k: r[k] for k in ("format", "rows_per_s", "wall_s")} for r in formats],
+    }
