@@ -2,6 +2,7 @@
 cluster actually has (RAY-NOTES: 1-CPU actors or Train workers deadlock read tasks on 2 CPUs)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Optional
@@ -26,12 +27,8 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in _ENV}
-    for k in ("AWS_ENDPOINT_URL", "DIET_RAY_S3_ENDPOINT", "DIET_RAY_FAULT"):
-        if k in os.environ:
-            env_vars[k] = os.environ[k]
     kwargs = dict(
-        runtime_env={"env_vars": env_vars},
+        runtime_env={"env_vars": _worker_env_vars()},
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         configure_logging=True,
@@ -50,6 +47,23 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
             **kwargs,
         )
     quiet_data(verbose)
+
+
+def _worker_env_vars() -> dict:
+    """Env vars workers need; keys a submitted job's runtime_env already sets are left out,
+    because Ray refuses to merge a driver runtime_env that repeats a job's env var keys."""
+    env_vars = {k: os.environ[k] for k in _ENV}
+    for k in ("AWS_ENDPOINT_URL", "DIET_RAY_S3_ENDPOINT", "DIET_RAY_FAULT"):
+        if k in os.environ:
+            env_vars[k] = os.environ[k]
+    job_json = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job_json:
+        try:
+            job_env = (json.loads(job_json).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_env = {}
+        env_vars = {k: v for k, v in env_vars.items() if k not in job_env}
+    return env_vars
 
 
 def quiet_data(verbose: bool = False) -> None:
@@ -75,9 +89,11 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
-def cpu_share(parallel: int, reserve: float = 0.5) -> float:
-    """CPUs per actor/worker so ``parallel`` of them fit while ``reserve`` CPU stays free for
-    Ray Data read tasks (the 2-CPU deadlock). At least 0.25 on tiny machines."""
+def cpu_share(parallel: int, reserve: float = 1.0) -> float:
+    """CPUs per actor/worker so ``parallel`` of them fit while ``reserve`` CPUs stay free.
+    Ray Data read/list tasks ask for a whole CPU, so the default keeps one free: with less, a
+    2-CPU cluster deadlocks (RAY-NOTES; seen again here with a 1.5-CPU Train placement group).
+    At least 0.25 on tiny machines."""
     total = cluster_cpus()
     share = max(0.25, (total - reserve) / max(1, parallel))
     return round(min(1.0, share), 2) if total <= 4 else max(1.0, float(int(share)))

@@ -54,3 +54,28 @@ def test_actor_pool_scores_every_row_once(ray_local, tmp_path):
     assert top.num_rows == 100
     assert top.column("_row_id").to_pylist() == got["_row_id"].to_numpy()[idx].tolist()
     assert top.column("_label").to_pylist()[:30] == [1.0] * 30
+
+
+@pytest.mark.ray
+def test_influence_verb_writes_scores_summary_and_plot(ray_local, tmp_path):
+    import json
+
+    from diet_ray.config import load_config
+    from diet_ray.distill.stage_influence import influence_stage
+
+    cfg = load_config(None, [
+        "data.source=synthetic://default?rows=6000&stages=3&users=300&items=500",
+        "data.stages.count=3", f"run.dir={tmp_path / 'run'}",
+        "expert.model={model: lr}", "expert.checkpoints_per_stage=2", "influence.batch_size=1000",
+    ])
+    summary = influence_stage(cfg, 1)
+    out = tmp_path / "run" / "influence" / "stage=0001"
+    scores = pq.read_table(str(out / "scores.parquet"))
+    assert scores.column_names == ["_row_id", "_label", "influence"]
+    assert scores.num_rows == summary["rows"] == 2000
+    assert len(set(scores.column("_row_id").to_pylist())) == 2000
+    assert np.isfinite(scores.column("influence").to_numpy()).all()
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["top10_row_ids"][0] == scores.column("_row_id").to_numpy()[np.argmax(scores.column("influence").to_numpy())]
+    assert (tmp_path / "run" / "report" / "influence_stage=0001.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "expert" / "stage=0000" / "meta.json").exists()  # stages 0..N trained in order

@@ -14,6 +14,8 @@ one torch thread = one actor's share on this machine):
   driver, at the largest ``bench.actors`` value, actor start-up included;
 - ``pipeline_efficiency`` = pipeline_rows_per_s / (influence_rows_per_s x min(actors, cluster CPUs)):
   the fraction of ideal linear scaling of the in-process kernel that the pipeline delivers;
+- ``pipeline_steady_*``: the same after the first batch arrives (actor start-up, model build and
+  the first read excluded): what a stage large enough for start-up not to matter approaches;
 - ``overhead_rows_per_s``: the same pipeline with the ``random`` estimator (no model work): the
   ceiling Ray Data's read + batching + actor hand-off puts on any scorer;
 - ``formats``: the pipeline at the largest actor count per batch format.
@@ -45,7 +47,8 @@ KERNEL_MAX_ROWS = 400_000  # in-process timings use at most this many rows (rate
 
 
 class _WorkerRss:
-    """Peak RSS over this node's Ray worker processes (``ray::`` titles), sampled every 100 ms."""
+    """Peak RSS of one Ray worker process started by this driver's local runtime (``ray::``
+    descendants of this process; 0 against a remote cluster), sampled every 100 ms."""
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
@@ -55,12 +58,13 @@ class _WorkerRss:
     def _run(self) -> None:
         import psutil
 
+        me = psutil.Process(os.getpid())
         while not self._stop.is_set():
-            for p in psutil.process_iter(["name", "memory_info"]):
+            for p in me.children(recursive=True):
                 try:
-                    if (p.info["name"] or "").startswith("ray::"):
-                        self.peak_mb = max(self.peak_mb, p.info["memory_info"].rss / 2**20)
-                except (psutil.Error, AttributeError):
+                    if p.name().startswith("ray::"):
+                        self.peak_mb = max(self.peak_mb, p.memory_info().rss / 2**20)
+                except psutil.Error:
                     continue
             self._stop.wait(0.1)
 
@@ -105,14 +109,16 @@ def _pipeline(store: StageStore, cfg: Config, es, actors: int, estimator: str, b
         store.ray_dataset(0), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints, es.ref_rows.batch(),
         store.fmap, icfg, derive_seed(cfg.seed, "influence", 0), use_gpu=bool(cfg.ray.use_gpu), batch_format=batch_format,
     ).select_columns(["influence"])
-    n, first = 0, None
+    n, first, first_rows = 0, None, 0
     for b in ds.iter_batches(batch_format="numpy", batch_size=None):
         n += len(b["influence"])
         if first is None:
-            first = time.perf_counter() - t0
+            first, first_rows = time.perf_counter() - t0, n
     wall = time.perf_counter() - t0
+    first = first or wall
+    steady = (n - first_rows) / (wall - first) if wall > first and n > first_rows else None
     return {"actors": actors, "estimator": estimator, "format": batch_format, "rows": n, "wall_s": round(wall, 3),
-            "first_batch_s": round(first or wall, 3), "rows_per_s": n / wall}
+            "first_batch_s": round(first, 3), "rows_per_s": n / wall, "steady_rows_per_s": steady}
 
 
 def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
@@ -177,11 +183,13 @@ def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: 
         "pipeline_rows_per_s": pipe,
         "pipeline_first_batch_s": formats[0]["first_batch_s"],
         "pipeline_efficiency": pipe / ideal,
+        "pipeline_steady_rows_per_s": formats[0]["steady_rows_per_s"],
+        "pipeline_steady_efficiency": (formats[0]["steady_rows_per_s"] or 0.0) / ideal,
         "overhead_rows_per_s": overhead["rows_per_s"],
         "best_format": max(formats, key=lambda r: r["rows_per_s"])["format"],
         "expert_wall_s": es.wall_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_worker_rss_mb": wrss.peak_mb,
-        "actors": [{k: r[k] for k in ("actors", "rows_per_s", "wall_s", "first_batch_s")} for r in scaling],
-        "formats": [{k: r[k] for k in ("format", "rows_per_s", "wall_s")} for r in formats],
+        "actors": [{k: r[k] for k in ("actors", "rows_per_s", "steady_rows_per_s", "wall_s", "first_batch_s")} for r in scaling],
+        "formats": [{k: r[k] for k in ("format", "rows_per_s", "steady_rows_per_s", "wall_s")} for r in formats],
     }

@@ -151,4 +151,6 @@ def score_stage(
     )
     if res["num_gpus"] > 0:
         kwargs["num_gpus"] = res["num_gpus"]
-    return ds.map_batches(ScorerActor, **kwargs)
+    # Blocks of about one batch (a streaming split, no barrier): a stage stored as one big file
+    # is otherwise a single block, which only one actor can work on.
+    return ds.repartition(target_num_rows_per_block=int(cfg.batch_size)).map_batches(ScorerActor, **kwargs)
