@@ -66,7 +66,7 @@ def test_influence_verb_writes_scores_summary_and_plot(ray_local, tmp_path):
     cfg = load_config(None, [
         "data.source=synthetic://default?rows=6000&stages=3&users=300&items=500",
         "data.stages.count=3", f"run.dir={tmp_path / 'run'}",
-        "expert.model={model: lr}", "expert.checkpoints_per_stage=2", "influence.batch_size=1000",
+        "expert.model.embed_dim=4", "expert.model.hidden=[8]", "expert.checkpoints_per_stage=2", "influence.batch_size=1000",
     ])
     summary = influence_stage(cfg, 1)
     out = tmp_path / "run" / "influence" / "stage=0001"
