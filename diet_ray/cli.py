@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import List, Optional
 
@@ -15,11 +16,14 @@ from diet_ray.errors import DietRayError
 
 log = logging.getLogger("diet_ray")
 
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("-c", "--config", default=None, help="YAML config (defaults: embedded synthetic stream)")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=3 data.stages.count=8")
+        p.set_defaults(overrides=[])
+        p.epilog = "Any KEY=VALUE argument is a config override, e.g. seed=3 data.stages.count=8."
     p.add_argument("-v", "--verbose", action="store_true", help="tracebacks, debug logs, Ray progress bars")
 
 
@@ -109,7 +113,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # key=value overrides may appear anywhere (argparse cannot intermix them with positionals).
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = build_parser().parse_args([a for a in argv if not OVERRIDE.match(a)])
+    if hasattr(args, "overrides"):
+        args.overrides = overrides
+    elif overrides:
+        build_parser().error(f"{args.verb} takes no key=value overrides: {' '.join(overrides)}")
     setup_logging(args.verbose)
     try:
         return dispatch(args)

@@ -99,3 +99,9 @@ def test_list_item_override_and_bare_on_key(tmp_path):
     assert cfg.data.stages.by == "time" and cfg.data.stages.every == "1d"
     with pytest.raises(ConfigError, match="data.joins.3"):
         C.load_config(str(p), ["data.joins.3.source=x"])
+
+
+def test_cli_overrides_anywhere_on_the_line(capsys):
+    # bench has a positional; overrides may follow -c and come before or after options
+    rc = main(["bench", "prepare", "memory.rato=1", "--out", "/tmp/x"])
+    assert rc == 2 and "Did you mean 'memory.ratio'" in capsys.readouterr().err
