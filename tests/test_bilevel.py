@@ -15,7 +15,7 @@ from diet_ray.data.stages import EncodedRows
 from diet_ray.distill.bilevel import ShardDistiller, SlotShard, distributed_reduce_sum
 from diet_ray.memory.commit import shard_assignment
 from diet_ray.memory.slots import SlotMemory
-from diet_ray.models import Batch, build_model
+from diet_ray.models import build_model
 
 VOCAB = (12, 20)
 MODEL = {"model": "dnn", "embed_dim": 4, "hidden": [8]}

@@ -6,7 +6,6 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 
 from diet_ray.config import Config, RayConfig, derive_seed

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -78,7 +78,9 @@ def fit_stage(
     shard_refs = [ray.put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
     trajectory_ref = ray.put([ck.state for ck in checkpoints])
     spec = fmap.input_spec()
-    cpus = cpu_share(workers)
+    # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
+    # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).
+    cpus = cpu_share(workers, reserve=1.0)
     config = {
         "shards": shard_refs,
         "trajectory": trajectory_ref,

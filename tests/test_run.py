@@ -1,0 +1,84 @@
+"""``diet-ray run`` end to end with 2 Train workers: committed stages, the capacity bound, results,
+resume (a rerun does nothing new), and a changed result-affecting config refused by key."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from diet_ray.config import load_config
+from diet_ray.data import fs
+from diet_ray.distill.pipeline import RESULTS_FILE, run
+from diet_ray.errors import RunStateError
+from diet_ray.memory.commit import last_committed_stage
+from diet_ray.memory.slots import load_stage_memory
+
+SMALL = [
+    "ray.num_workers=2",
+    "influence.num_actors=1",
+    "expert.model={model: dnn, embed_dim: 8, hidden: [16]}",
+    "distill.outer_steps=3",
+    "distill.inner_steps=3",
+    "distill.unroll=2",
+    "distill.memory_batch=64",
+    "distill.real_batch=256",
+]
+
+
+def _check_run(run_dir: str, stages: int, ratio: float) -> None:
+    assert last_committed_stage(run_dir) == stages - 1
+    lines = [r for r in fs.read_jsonl(fs.join(run_dir, RESULTS_FILE)) if r["kind"] == "stage"]
+    assert [r["stage"] for r in lines] == list(range(stages))
+    prev_max = -1
+    for r in lines:
+        m = json.loads(open(f"{run_dir}/stages/stage={r['stage']:04d}/metrics.json").read())
+        assert m["slots"] <= math.ceil(ratio * m["rows_seen"]) and m["slots"] == m["capacity"]
+        assert np.isfinite(m["outer_loss_start"]) and np.isfinite(m["outer_loss_end"])
+        mem = load_stage_memory(run_dir, r["stage"])
+        assert len(mem) == m["slots"] and len(np.unique(mem.slot_id)) == len(mem)
+        born_here = mem.slot_id[mem.born_stage == r["stage"]]
+        assert np.all(born_here > prev_max)  # slot ids are never reused
+        prev_max = int(mem.slot_id.max())
+
+
+def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_path):
+    src = tmp_path / "ml"
+    src.mkdir()
+    with open(movielens / "ratings.csv") as f, open(src / "ratings.csv", "w") as g:
+        for i, line in enumerate(f):
+            if i > 12000:
+                break
+            g.write(line)
+    shutil.copy(movielens / "movies.csv", src / "movies.csv")
+    overrides = [f"data.source={src / 'ratings.csv'}", f"run.dir={tmp_path / 'run'}", "data.stages.count=3", *SMALL]
+    cfg = load_config(str(configs_dir / "movielens.yaml"), overrides)
+    out = run(cfg)
+    assert out["new_stages"] == [0, 1, 2] and not out["resumed"]
+    _check_run(cfg.run.dir, 3, cfg.memory.ratio)
+    refined_later = [m["refined"] for m in out["per_stage"][1:]]
+    assert all(0 < r < m["slots"] for r, m in zip(refined_later, out["per_stage"][1:]))  # selective update
+
+    again = run(cfg)
+    assert again["resumed"] and again["new_stages"] == [] and again["resumed_after"] == 2
+    assert len(fs.read_jsonl(fs.join(cfg.run.dir, RESULTS_FILE))) == 3
+
+    changed = load_config(str(configs_dir / "movielens.yaml"), overrides + ["memory.ratio=0.02"])
+    with pytest.raises(RunStateError, match="memory.ratio"):
+        run(changed)
+
+
+def test_run_synthetic_two_workers(ray_local, tmp_path):
+    cfg = load_config(None, [
+        "data.source=synthetic://default?rows=8000&stages=2&users=400&items=800",
+        "data.stages.count=2",
+        f"run.dir={tmp_path / 'run'}",
+        *SMALL,
+    ])
+    out = run(cfg)
+    assert out["new_stages"] == [0, 1]
+    _check_run(cfg.run.dir, 2, cfg.memory.ratio)
+    s1 = out["per_stage"][1]
+    assert s1["grown"] > 0 and s1["bilevel"]["workers"] == 2
