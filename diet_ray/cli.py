@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="read raw logs, label, split into stages, encode")
     _common(s)
+    s = sub.add_parser("quickstart", help="run + evaluate every stage (full vs memory) on the embedded default")
+    _common(s)
     s = sub.add_parser("run", help="distill every stage end to end (resumes after the last committed stage)")
     _common(s)
     s = sub.add_parser("evaluate", help="train candidates on history, test on the next stage")
@@ -71,11 +73,33 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def embedded_config(name: str) -> str:
+    """Path of a config shipped inside the package (works from a wheel or a checkout)."""
+    from importlib.resources import files
+
+    return str(files("diet_ray") / "configs" / f"{name}.yaml")
+
+
+def quickstart(cfg, verbose: bool = False) -> None:
+    """Distill every stage, then train each candidate on full history and on the memory, per stage."""
+    import dataclasses
+
+    from diet_ray.data.stages import StageStore
+    from diet_ray.distill.pipeline import run
+    from diet_ray.evaluate.runner import evaluate
+
+    run(cfg, verbose=verbose)
+    stages = cfg.evaluate.stages or list(range(StageStore(cfg.run.dir).num_stages - 1))
+    ev = dataclasses.replace(cfg.evaluate, stages=stages, variants=["full", "memory"])
+    evaluate(dataclasses.replace(cfg, evaluate=ev), verbose=verbose)
+
+
 def dispatch(args: argparse.Namespace) -> int:
     from diet_ray.config import load_config
 
-    cfg = load_config(args.config, args.overrides) if hasattr(args, "overrides") else None
     verb = args.verb
+    path = args.config if getattr(args, "config", None) or verb != "quickstart" else embedded_config("quickstart")
+    cfg = load_config(path, args.overrides) if hasattr(args, "overrides") else None
     if verb == "prepare":
         from diet_ray.data.prepare import prepare
 
@@ -93,6 +117,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from diet_ray.distill.stage_influence import influence_stage
 
         influence_stage(cfg, args.stage, verbose=args.verbose)
+    elif verb == "quickstart":
+        quickstart(cfg, verbose=args.verbose)
     elif verb == "run":
         from diet_ray.distill.pipeline import run
 
