@@ -17,6 +17,8 @@ from diet_ray.errors import DietRayError
 log = logging.getLogger("diet_ray")
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+# Loggers of the steps inside a stage (expert pass, influence actors): shown with --verbose only.
+STEP_LOGGERS = ("diet_ray.distill.expert", "diet_ray.influence.ray_scoring")
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _common(s, config=False)
     s = sub.add_parser("bench", help="benchmarks: JSON + a printed table")
-    s.add_argument("what", choices=["influence", "prepare", "bilevel"])
+    s.add_argument("what", choices=["influence", "prepare", "bilevel", "fidelity", "soak"])
     s.add_argument("--out", required=True)
     s.add_argument("--rows", type=int, default=None)
     _common(s)
@@ -71,6 +73,11 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("ray", "urllib3", "botocore", "s3fs", "aiobotocore", "fsspec", "matplotlib", "filelock"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+    # Explicit, so the console does not depend on a root logger configured elsewhere.
+    logging.getLogger("diet_ray").setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Per-step details of a stage; the stage's own summary line carries their timings.
+    for step in STEP_LOGGERS:
+        logging.getLogger(step).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 def embedded_config(name: str) -> str:
@@ -100,6 +107,11 @@ def dispatch(args: argparse.Namespace) -> int:
     verb = args.verb
     path = args.config if getattr(args, "config", None) or verb != "quickstart" else embedded_config("quickstart")
     cfg = load_config(path, args.overrides) if hasattr(args, "overrides") else None
+    if cfg is not None:
+        from diet_ray.data import fs
+
+        # Before any I/O: some verbs (bench) touch their output before opening a run dir.
+        fs.configure(cfg.io.endpoint_url, cfg.io.region)
     if verb == "prepare":
         from diet_ray.data.prepare import prepare
 

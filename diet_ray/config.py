@@ -163,14 +163,31 @@ class MemoryConfig:
 class DistillConfig:
     objective: str = "trajectory"  # trajectory | gradient
     outer_steps: int = 30
-    outer_lr: float = 0.05
+    # 0.2 (was 0.05): support and label logits start saturated at +-memory.init_logit and need
+    # larger moves (diet_ray/distill/bilevel.py docstring has the measurements).
+    outer_lr: float = 0.2
+    # Most inner steps per outer step; with inner_optimizer=expert the student takes
+    # min(inner_steps, the expert's optimiser steps in the segment).
     inner_steps: int = 10
     unroll: int = 5
-    inner_lr: float = 0.05
-    learn_inner_lr: bool = False
+    inner_lr: float = 0.05  # the SGD student's learning rate (inner_optimizer=sgd, or no expert optimiser state)
+    # Learn the inner lr (SGD) / the expert-lr multiplier (expert) in log space with the slots.
+    learn_inner_lr: bool = True
     memory_batch: int = 256
     real_batch: int = 1024
     real_loss_weight: float = 0.1  # lambda
+    # expert: the student continues the expert's optimiser (Adam, from its moments at θ_c) and the
+    # trajectory loss is normalised by that optimiser's no-data (momentum-only) end point.
+    # sgd: plain SGD at inner_lr from θ_c, normalised by ||θ_c - θ_{c+1}||² (the original method).
+    inner_optimizer: str = "expert"
+    # Initial multiplier of the expert student's lr (of the memory's gradient with expert_momentum).
+    expert_grad_scale: float = 0.1
+    # Expert student: start from the expert's momentum at θ_c too (normalised by the
+    # momentum-only end point) instead of a fresh momentum with the expert's second moments.
+    expert_momentum: bool = False
+    # Trajectory distance over: reachable = dense parameters + embedding rows of ids in the
+    # memory's supports (what slots can move); all = every parameter.
+    match: str = "reachable"
 
 
 # ------------------------------------------------------------------------------- evaluate
@@ -202,10 +219,26 @@ class EvaluateConfig:
     popularity_field: Optional[str] = None  # popularity baseline's item field; None: item/movieId/item_id, else the 2nd categorical
 
 
+FIDELITY_VARIANTS = ("diet", "random", "reservoir", "recent", "influence_topk", "coreset", "static")
+
+
 @dataclass
 class BenchConfig:
     stage_rows: int = 200_000  # synthetic rows for the influence pipeline bench
     actors: List[int] = field(default_factory=lambda: [1, 2])
+    # --- fidelity bench (diet_ray/bench/fidelity.py) ---
+    fidelity_stages: int = 1  # E: evaluate the last E stages t (train on D_1..D_t, test on D_{t+1})
+    seeds: int = 3  # repetitions; seed k runs with derive_seed(seed, "fidelity", k)
+    budgets: List[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # memory.ratio sweep
+    variants: List[str] = field(default_factory=lambda: list(FIDELITY_VARIANTS))
+    ablations: bool = True  # DIET ablations at memory.ratio only
+    zoo: Optional[List[Any]] = None  # candidates; None: diet_ray.bench.fidelity.default_zoo()
+    # Candidate-training protocol, identical for every variant: evaluate.train (epochs, lr,
+    # optimiser), with batch = clamp(ceil(N / steps_per_epoch), min_batch, evaluate.train.batch_size).
+    steps_per_epoch: int = 50
+    min_batch: int = 16
+    coreset: str = "kcenter"  # kcenter | herding
+    static_outer_steps: str = "matched"  # matched: distill.outer_steps x (t+1), the staged run's total | same
 
 
 @dataclass
@@ -336,6 +369,10 @@ def validate(cfg: Config) -> None:
         one_of("data.derive[].op", d.op, ("split_first", "regex"))
     one_of("influence.estimator", cfg.influence.estimator, ("tracin", "grad_norm", "loss", "random"))
     one_of("distill.objective", cfg.distill.objective, ("trajectory", "gradient"))
+    one_of("distill.inner_optimizer", cfg.distill.inner_optimizer, ("expert", "sgd"))
+    one_of("distill.match", cfg.distill.match, ("reachable", "all"))
+    if cfg.distill.expert_grad_scale <= 0 or cfg.distill.inner_lr <= 0:
+        raise ConfigError("distill.expert_grad_scale and distill.inner_lr must be > 0 (learn_inner_lr works in log space)")
     one_of("memory.init", cfg.memory.init, ("influence", "random"))
     one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, ("adam", "adagrad", "sgd"))
     for key in ("epochs", "batch_size"):
@@ -355,6 +392,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ray.num_workers must be >= 1")
     for v in cfg.evaluate.variants:
         one_of("evaluate.variants[]", v, ("full", "memory"))
+    for v in cfg.bench.variants:
+        one_of("bench.variants[]", v, FIDELITY_VARIANTS)
+    for b in cfg.bench.budgets:
+        in_range("bench.budgets[]", b, 1e-6, 1.0)
+    one_of("bench.coreset", cfg.bench.coreset, ("kcenter", "herding"))
+    one_of("bench.static_outer_steps", cfg.bench.static_outer_steps, ("matched", "same"))
+    for key in ("fidelity_stages", "seeds", "steps_per_epoch", "min_batch"):
+        if getattr(cfg.bench, key) < 1:
+            raise ConfigError(f"bench.{key}={getattr(cfg.bench, key)} must be >= 1")
     for i, cand in enumerate(cfg.evaluate.candidates):
         if not isinstance(cand, dict) or "model" not in cand:
             raise ConfigError(f"evaluate.candidates[{i}] must be a mapping with a 'model' key, got {cand!r}")

@@ -40,6 +40,7 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
     else:
         # Local development: nothing listens beyond loopback; the dashboard is off (0.9 GB RSS).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        bind_loopback_only()
         ray.init(
             num_cpus=cfg.num_cpus,
             include_dashboard=False,
@@ -47,6 +48,22 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
             **kwargs,
         )
     quiet_data(verbose)
+
+
+def bind_loopback_only() -> None:
+    """Make a local Ray node's servers bind 127.0.0.1 only.
+
+    In Ray 2.60, ``_node_ip_address="127.0.0.1"`` is not enough: ``resolve_ip_for_localhost``
+    swaps loopback for the host's routable IP, and gcs_server, raylet, core workers and agents
+    then listen on ``*``. The C++ servers bind loopback only when the node IP is 127.0.0.1. The
+    one switch that keeps that IP is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read only by
+    ``services.get_node_ip_address``). Ray reads it into a module constant at import time, so the
+    constant is set too. The env var also reaches the node processes this driver starts."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _worker_env_vars() -> dict:
@@ -67,7 +84,10 @@ def _worker_env_vars() -> dict:
 
 
 def quiet_data(verbose: bool = False) -> None:
+    """Ray Data's progress bars and INFO console lines only with ``verbose`` (its log file
+    keeps everything); also drops the raylet's worker-count warning unless verbose."""
     import ray.data
+    from ray.util.debug import log_once
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
@@ -75,6 +95,47 @@ def quiet_data(verbose: bool = False) -> None:
         ctx.print_on_execution_start = verbose
     except AttributeError:
         pass
+    if not verbose:
+        # Ray Data warns once that bars are off; they are off by our choice, so spend the once.
+        log_once("ray_data_progress_manager_disabled")
+    for handler in logging.getLogger("ray.data").handlers:
+        # Console handlers only (Ray Data's session-file handler is a plain Handler).
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    _filter_raylet_notices(verbose)
+
+
+# Substring of the raylet's "N PYTHON worker processes have been started ... 4x the maximum
+# expected startup concurrency" notice. Fractional CPU shares on small clusters (cpu_share)
+# start many workers by design, so the notice is expected; Ray prints it on stdout.
+_WORKER_COUNT_NOTICE = "worker processes have been started"
+
+
+def _filter_raylet_notices(verbose: bool) -> None:
+    """Route the raylet's worker-count notice to this module's DEBUG log unless ``verbose``.
+    Ray prints raylet notices through ``ray._private.worker.print_to_stdstream`` (looked up at
+    call time by its listener thread); every other notice passes through unchanged."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    current = getattr(ray_worker, "print_to_stdstream", None)
+    original = getattr(current, "__wrapped__", current)
+    if original is None:
+        return
+    if verbose:
+        ray_worker.print_to_stdstream = original
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        lines = data.get("lines") or []
+        if data.get("pid") == "raylet" and any(_WORKER_COUNT_NOTICE in str(x) for x in lines):
+            log.debug("raylet: %s", " ".join(map(str, lines)))
+            return
+        original(data, ignore_prefix)
+
+    print_to_stdstream.__wrapped__ = original  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def cluster_cpus() -> float:

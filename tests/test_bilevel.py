@@ -2,7 +2,9 @@
 and the sharded math (two gloo processes) equal to one process, gradients included."""
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import socket
 
 import numpy as np
@@ -12,15 +14,20 @@ import torch
 from diet_ray.config import DistillConfig, MemoryConfig
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
-from diet_ray.distill.bilevel import ShardDistiller, SlotShard, distributed_reduce_sum
+from diet_ray.distill.bilevel import ShardDistiller, SlotShard, adam_update, distributed_reduce_sum
+from diet_ray.distill.expert import StreamExpert
 from diet_ray.memory.commit import shard_assignment
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models import build_model
 
 VOCAB = (12, 20)
 MODEL = {"model": "dnn", "embed_dim": 4, "hidden": [8]}
+# The original method (SGD student, whole table): kept explicit so these tests keep meaning it.
 CFG = DistillConfig(outer_steps=25, outer_lr=0.2, inner_steps=4, unroll=2, inner_lr=0.1,
-                    memory_batch=8, real_batch=64, real_loss_weight=0.1)
+                    memory_batch=8, real_batch=64, real_loss_weight=0.1,
+                    inner_optimizer="sgd", learn_inner_lr=False, match="all")
+# The default method: the student continues the expert's Adam; dense + reachable rows matched.
+EXPERT_CFG = dataclasses.replace(CFG, inner_optimizer="expert", match="reachable", expert_grad_scale=0.3)
 
 
 def tiny_fmap() -> FeatureMap:
@@ -37,21 +44,42 @@ def tiny_rows(n: int, seed: int) -> EncodedRows:
     return EncodedRows(cat, num, label, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))
 
 
+def expert_run(seed: int = 0):
+    """Copies of ``_expert_run`` (cached: every test starts from the same expert)."""
+    return copy.deepcopy(_expert_run(seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _expert_run(seed: int):
+    """(spec, expert states θ_0..θ_3, Adam state_dict at each, the real rows): 3 segments of 5
+    Adam steps, after 4 warm-up steps so θ_0 carries momentum (as a later stage's start does)."""
+    spec = tiny_fmap().input_spec()
+    model = build_model(MODEL, spec, seed=seed)
+    real = tiny_rows(256, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+
+    def step(i: int) -> None:
+        b = real.batch(np.arange(64) + (i * 17) % 192)
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(model.logits(b), b.label).backward()
+        opt.step()
+
+    for i in range(4):
+        step(100 + i)
+    states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
+    optims = [copy.deepcopy(opt.state_dict())]
+    for seg in range(3):
+        for i in range(5):
+            step(seg * 5 + i)
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        optims.append(copy.deepcopy(opt.state_dict()))
+    return spec, states, optims, real
+
+
 def tiny_problem(slots: int = 24):
     """(model, expert trajectory of 4 states, memory, real batch) all deterministic."""
     fmap = tiny_fmap()
-    spec = fmap.input_spec()
-    model = build_model(MODEL, spec, seed=0)
-    real = tiny_rows(256, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
-    states = [{k: v.detach().clone() for k, v in model.state_dict().items()}]
-    for seg in range(3):
-        for step in range(5):
-            b = real.batch(np.arange(64) + ((seg * 5 + step) * 17) % 192)
-            opt.zero_grad()
-            torch.nn.functional.binary_cross_entropy_with_logits(model.logits(b), b.label).backward()
-            opt.step()
-        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    spec, states, _, real = expert_run()
     mem = SlotMemory.from_rows(tiny_rows(slots, seed=2), fmap, MemoryConfig(support_k=3), 0, 0,
                                np.random.default_rng(0))
     return build_model(MODEL, spec, seed=9), states, mem, real.batch(np.arange(64))
@@ -62,22 +90,105 @@ def distiller(cfg=CFG, learn=None, index=None, world=1, reduce=None, slots=24):
     index = np.arange(len(mem)) if index is None else index
     learn = np.arange(len(mem)) if learn is None else learn
     kw = {} if reduce is None else {"reduce_sum": reduce}
-    d = ShardDistiller(model, states, SlotShard.from_memory(mem, index, learn), cfg, seed=3, stage=0, world_size=world, **kw)
+    optims = expert_run()[2] if cfg.inner_optimizer == "expert" else None
+    d = ShardDistiller(model, states, SlotShard.from_memory(mem, index, learn), cfg, seed=3, stage=0, world_size=world,
+                       optim_states=optims, **kw)
     return d, mem, real
 
 
-def test_outer_loss_decreases():
-    d, _, real = distiller()
+@pytest.mark.parametrize("cfg", [CFG, EXPERT_CFG, dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True)],
+                         ids=["sgd", "expert", "expert-momentum"])
+def test_outer_loss_decreases(cfg):
+    d, _, real = distiller(cfg)
+    assert d.uses_expert_optimiser == (cfg.inner_optimizer == "expert")
     before = d.evaluate(real)
-    for _ in range(CFG.outer_steps):
+    for _ in range(cfg.outer_steps):
         d.outer_step(real)
     after = d.evaluate(real)
     assert np.isfinite(before) and after < 0.95 * before
 
 
+def test_expert_student_replays_torch_adam():
+    """Fed the expert's own batches from its saved state, the student's update is torch's Adam:
+    it lands on the expert's next checkpoint."""
+    spec, states, optims, real = expert_run()
+    d = ShardDistiller(build_model(MODEL, spec, seed=9), states, SlotShard.from_memory(tiny_problem()[2], np.arange(24), np.arange(24)),
+                       dataclasses.replace(EXPERT_CFG, inner_steps=5, unroll=5), optim_states=optims)
+    assert d.segment_steps(1) == (5, 0.02)  # S_c = 5 steps at the expert's lr
+    st = d.adam[1]
+    theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.names}
+    m, v = dict(st.exp_avg), dict(st.exp_avg_sq)
+    for i in range(5):
+        b = real.batch(np.arange(64) + ((5 + i) * 17) % 192)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.func.functional_call(d.model, theta, (b.ids, b.probs, b.numeric)), b.label)
+        grads = dict(zip(d.names, torch.autograd.grad(loss, [theta[n] for n in d.names], allow_unused=True, materialize_grads=True)))
+        theta, m, v = adam_update(theta, grads, m, v, st.step + i + 1, torch.tensor(0.02), st)
+    for n in d.names:
+        torch.testing.assert_close(theta[n].detach(), states[2][n], rtol=1e-4, atol=1e-6)
+
+
+def test_no_data_baseline_and_expert_states_are_optional():
+    # Fresh momentum (default): no data, no motion; the loss is normalised by ||θ_c - θ_{c+1}||².
+    d, _, _ = distiller(EXPERT_CFG)
+    assert all(torch.equal(d.baseline(1)[n], d.traj[1][n]) for n in d.names)
+    assert d.momentum_share() == pytest.approx(1.0)
+    # The expert's momentum carried: with zero gradients Adam still moves, towards θ_{c+1}.
+    carry, _, _ = distiller(dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True))
+    assert any(not torch.equal(carry.baseline(1)[n], carry.traj[1][n]) for n in carry.names)
+    assert 0 < carry.momentum_share() < 1
+    # ... and its learnable scalar scales the memory's gradient, so the baseline ignores it.
+    share = carry.momentum_share()
+    with torch.no_grad():
+        carry.log_lr.fill_(5.0)
+    carry._baselines.clear()
+    assert carry.momentum_share() == pytest.approx(share)
+    # No optimiser states (runs written before they were saved): the SGD student.
+    model, states, mem, _ = tiny_problem()
+    fallback = ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(24), np.arange(24)), EXPERT_CFG)
+    assert not fallback.uses_expert_optimiser and fallback.segment_steps(0) == (EXPERT_CFG.inner_steps, 1.0)
+
+
+def test_expert_saves_its_optimiser_state_per_checkpoint(tmp_path):
+    from test_expert import CFG as EXPERT, stage_rows
+    from test_expert import tiny_fmap as expert_fmap
+
+    fmap = expert_fmap()
+    ex = StreamExpert(fmap, EXPERT, seed=0, run_dir=str(tmp_path))
+    s0 = ex.train_stage(0, stage_rows(0))
+    ex.train_stage(1, stage_rows(1))
+    assert s0.checkpoints[0].optim is not None and not s0.checkpoints[0].optim["state"]  # fresh Adam
+    s1 = ex.load_stage(1)
+    steps = [float(c.optim["state"][0]["step"]) for c in s1.checkpoints]
+    assert all(b > a for a, b in zip(steps, steps[1:]))
+    # The warm start: stage 1 opens with stage 0's final optimiser state.
+    last0, first1 = s0.checkpoints[-1].optim["state"], s1.checkpoints[0].optim["state"]
+    assert all(torch.equal(last0[k]["exp_avg_sq"], first1[k]["exp_avg_sq"]) for k in last0)
+    mem = SlotMemory.from_rows(stage_rows(1, 20), fmap, MemoryConfig(support_k=2), 1, 0, np.random.default_rng(0))
+    d = ShardDistiller(ex.build_model(), [c.state for c in s1.checkpoints], SlotShard.from_memory(mem, np.arange(20), np.arange(20)),
+                       dataclasses.replace(EXPERT_CFG, inner_steps=50, unroll=4), optim_states=[c.optim for c in s1.checkpoints])
+    assert d.uses_expert_optimiser
+    assert [d.segment_steps(c)[0] for c in range(3)] == [int(b - a) for a, b in zip(steps, steps[1:])]
+
+
+def test_reachable_match_ignores_rows_no_slot_can_move():
+    d_reach, mem, _ = distiller(EXPERT_CFG)
+    d_all, _, _ = distiller(dataclasses.replace(EXPERT_CFG, match="all"))
+    reach = d_reach.match["embedding.weight"].squeeze(1).bool()
+    rows = d_reach.model.global_ids(mem.ids).reshape(-1).unique()
+    assert torch.equal(torch.nonzero(reach).squeeze(1), rows.sort().values)
+    assert 0 < int(reach.sum()) < reach.numel()
+    a, b = d_reach.traj[0], {n: t.clone() for n, t in d_reach.traj[0].items()}
+    b["embedding.weight"][~reach] += 1.0  # moves only rows outside every support
+    assert float(d_reach._distance(a, b)) == 0.0
+    assert float(d_all._distance(a, b)) > 0.0
+    b["embedding.weight"][rows[0]] += 1.0
+    assert float(d_reach._distance(a, b)) > 0.0
+
+
 def test_frozen_slots_do_not_change():
     learn = np.arange(0, 24, 3)
-    d, mem, real = distiller(learn=learn)
+    d, mem, real = distiller(EXPERT_CFG, learn=learn)
     for _ in range(5):
         d.outer_step(real)
     upd = d.update()
@@ -90,16 +201,19 @@ def test_frozen_slots_do_not_change():
     assert moved > 0
 
 
-def test_truncation_only_last_unroll_steps_carry_gradient():
+@pytest.mark.parametrize("base", [CFG, EXPERT_CFG], ids=["sgd", "expert"])
+def test_truncation_only_last_unroll_steps_carry_gradient(base):
     """A slot drawn in an early inner step but not in the last one gets gradient only when the
     unroll reaches back to its step."""
-    cfg1 = dataclasses.replace(CFG, real_loss_weight=0.0, unroll=1)
-    cfg4 = dataclasses.replace(CFG, real_loss_weight=0.0, unroll=CFG.inner_steps)
+    cfg1 = dataclasses.replace(base, real_loss_weight=0.0, unroll=1)
+    cfg4 = dataclasses.replace(base, real_loss_weight=0.0, unroll=base.inner_steps)
     d1, _, _ = distiller(cfg1)
     d4, _, _ = distiller(cfg4)
+    n_steps = d1.segment_steps(d1.checkpoint_for(0))[0]
+    assert n_steps == base.inner_steps  # the expert took 5 steps per segment, more than 4
     key = ("outer", 0)
-    last = set(d1.global_indices((*key, cfg1.inner_steps - 1)).tolist())
-    early = set().union(*(d1.global_indices((*key, k)).tolist() for k in range(cfg1.inner_steps - 1)))
+    last = set(d1.global_indices((*key, n_steps - 1)).tolist())
+    early = set().union(*(d1.global_indices((*key, k)).tolist() for k in range(n_steps - 1)))
     only_early = sorted(early - last)
     assert only_early and last
     _, g1 = d1.outer_gradients(None)
@@ -121,10 +235,12 @@ def test_gradient_matching_objective_runs():
     assert not torch.equal(d.update().logits, mem.logits)
 
 
-def test_learnable_inner_lr_moves_and_resume_state_round_trips():
-    cfg = dataclasses.replace(CFG, learn_inner_lr=True)
+@pytest.mark.parametrize("base", [CFG, EXPERT_CFG], ids=["sgd", "expert"])
+def test_learnable_inner_lr_moves_and_resume_state_round_trips(base):
+    cfg = dataclasses.replace(base, learn_inner_lr=True)
     d, _, real = distiller(cfg)
     lr0 = float(d.inner_lr().detach())
+    assert lr0 == pytest.approx(cfg.inner_lr if base is CFG else cfg.expert_grad_scale)
     for _ in range(3):
         d.outer_step(real)
     assert float(d.inner_lr().detach()) != lr0
@@ -143,6 +259,10 @@ def test_learnable_inner_lr_moves_and_resume_state_round_trips():
 # -- two processes over gloo: the sharded math equals one process ------------------------------
 
 
+# Both students; the expert one with the shared learnable lr (summed over ranks after backward).
+GLOO_CFGS = {"sgd": CFG, "expert": dataclasses.replace(EXPERT_CFG, learn_inner_lr=True)}
+
+
 def _rank_main(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -151,18 +271,20 @@ def _rank_main(rank: int, port: int, out: str) -> None:
         torch.set_num_threads(1)
         index = shard_assignment(24, 2)[rank]
         learn = np.arange(0, 24, 2)  # half the slots addressed, spread over both shards
-        d, _, real = distiller(learn=learn, index=index, world=2, reduce=distributed_reduce_sum)
-        mine = real.select(torch.arange(rank * 32, (rank + 1) * 32))  # equal shards of the real batch
-        value, grads = d.outer_gradients(mine)
-        # Without the 1/W correction every gradient comes out exactly W times too large.
-        raw, _, _ = distiller(learn=learn, index=index, world=1, reduce=distributed_reduce_sum)
-        _, grads_raw = raw.outer_gradients(mine)
-        for _ in range(3):
-            d.outer_step(mine)
-        upd = d.update()
-        torch.save({"index": torch.as_tensor(index), "learn_pos": d.learn_pos, "value": value, "grads": grads,
-                    "grads_raw": grads_raw, "logits": upd.logits, "numeric": upd.numeric,
-                    "label_logit": upd.label_logit, "weight_param": upd.weight_param}, f"{out}/rank{rank}.pt")
+        for name, cfg in GLOO_CFGS.items():
+            d, _, real = distiller(cfg, learn=learn, index=index, world=2, reduce=distributed_reduce_sum)
+            mine = real.select(torch.arange(rank * 32, (rank + 1) * 32))  # equal shards of the real batch
+            value, grads = d.outer_gradients(mine)
+            # Without the 1/W correction every gradient comes out exactly W times too large.
+            raw, _, _ = distiller(cfg, learn=learn, index=index, world=1, reduce=distributed_reduce_sum)
+            _, grads_raw = raw.outer_gradients(mine)
+            for _ in range(3):
+                d.outer_step(mine)
+            upd = d.update()
+            torch.save({"index": torch.as_tensor(index), "learn_pos": d.learn_pos, "value": value, "grads": grads,
+                        "grads_raw": grads_raw, "logits": upd.logits, "numeric": upd.numeric,
+                        "label_logit": upd.label_logit, "weight_param": upd.weight_param,
+                        "inner_lr": d.inner_lr().detach()}, f"{out}/{name}-rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -178,20 +300,24 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
 
     mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     learn = np.arange(0, 24, 2)
-    single, mem, real = distiller(learn=learn)
-    value1, grads1 = single.outer_gradients(real)
-    for _ in range(3):
-        single.outer_step(real)
-    ref = single.update()
     pos = {int(p): i for i, p in enumerate(learn)}  # global position -> row of the single leaves
-    for rank in range(2):
-        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert r["value"] == pytest.approx(value1, rel=1e-5)
-        glob = r["index"][r["learn_pos"]].numpy()
-        rows = [pos[int(g)] for g in glob]
-        for g_shard, g_raw, g_one in zip(r["grads"], r["grads_raw"], grads1):
-            torch.testing.assert_close(g_shard, g_one[rows], rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(g_raw, 2 * g_shard, rtol=1e-5, atol=1e-8)
-        idx = r["index"]
-        for name in ("logits", "numeric", "label_logit", "weight_param"):
-            torch.testing.assert_close(r[name], getattr(ref, name)[idx], rtol=1e-4, atol=1e-5)
+    for name, cfg in GLOO_CFGS.items():
+        single, mem, real = distiller(cfg, learn=learn)
+        value1, grads1 = single.outer_gradients(real)
+        for _ in range(3):
+            single.outer_step(real)
+        ref = single.update()
+        n_slot = 4  # slot tensors first; the learnable lr (a scalar shared by the ranks) last
+        assert len(grads1) == n_slot + int(cfg.learn_inner_lr)
+        for rank in range(2):
+            r = torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True)
+            assert r["value"] == pytest.approx(value1, rel=1e-5), name
+            glob = r["index"][r["learn_pos"]].numpy()
+            rows = [pos[int(g)] for g in glob]
+            for i, (g_shard, g_raw, g_one) in enumerate(zip(r["grads"], r["grads_raw"], grads1)):
+                torch.testing.assert_close(g_shard, g_one[rows] if i < n_slot else g_one, rtol=1e-4, atol=1e-7)
+                torch.testing.assert_close(g_raw, 2 * g_shard, rtol=1e-5, atol=1e-8)
+            idx = r["index"]
+            for t in ("logits", "numeric", "label_logit", "weight_param"):
+                torch.testing.assert_close(r[t], getattr(ref, t)[idx], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(r["inner_lr"], single.inner_lr().detach(), rtol=1e-5, atol=0)

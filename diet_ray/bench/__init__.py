@@ -17,6 +17,10 @@ def run_bench(what: str, cfg: Config, out: str, rows: Optional[int] = None, verb
         from diet_ray.bench.influence import bench_influence as fn
     elif what == "bilevel":
         from diet_ray.bench.bilevel import bench_bilevel as fn
+    elif what == "fidelity":
+        from diet_ray.bench.fidelity import bench_fidelity as fn
+    elif what == "soak":
+        from diet_ray.bench.soak import bench_soak as fn
     else:
         raise ConfigError(f"unknown benchmark '{what}'")
     result = fn(cfg, out, rows=rows, verbose=verbose)

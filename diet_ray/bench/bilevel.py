@@ -9,9 +9,10 @@ trajectory's quality does not change the step's cost).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -44,11 +45,12 @@ def _rows(fmap: FeatureMap, n: int, rng: np.random.Generator) -> EncodedRows:
     return EncodedRows(cat, num, label, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))
 
 
-def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int) -> List[Dict[str, torch.Tensor]]:
+def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int) -> Tuple[List[Dict[str, torch.Tensor]], List[dict]]:
     model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=derive_seed(cfg.seed, "bench-expert"))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.expert.lr)
     rows = _rows(fmap, cfg.expert.batch_size * 3 * k, rng)
     states = [{n: v.detach().clone() for n, v in model.state_dict().items()}]
+    optims = [copy.deepcopy(opt.state_dict())]
     for c in range(k):
         for b in range(3):
             batch = rows.batch(np.arange((c * 3 + b) * cfg.expert.batch_size, (c * 3 + b + 1) * cfg.expert.batch_size))
@@ -56,14 +58,15 @@ def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int)
             torch.nn.functional.binary_cross_entropy_with_logits(model.logits(batch), batch.label).backward()
             opt.step()
         states.append({n: v.detach().clone() for n, v in model.state_dict().items()})
-    return states
+        optims.append(copy.deepcopy(opt.state_dict()))
+    return states, optims
 
 
-def _time_device(cfg: Config, fmap: FeatureMap, memory: SlotMemory, states, real_rows: EncodedRows, device: str, repeats: int) -> Dict[str, Any]:
+def _time_device(cfg: Config, fmap: FeatureMap, memory: SlotMemory, states, optims, real_rows: EncodedRows, device: str, repeats: int) -> Dict[str, Any]:
     refine = np.arange(len(memory))
     model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=0)
     d = ShardDistiller(model, states, SlotShard.from_memory(memory, np.arange(len(memory)), refine), cfg.distill,
-                       temperature=cfg.memory.temperature, seed=cfg.seed, stage=0, device=device)
+                       temperature=cfg.memory.temperature, seed=cfg.seed, stage=0, device=device, optim_states=optims)
     real = real_rows.batch(np.arange(min(cfg.distill.real_batch, len(real_rows)))).to(device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     d.outer_step(real)  # warm-up (allocations, kernels)
@@ -78,7 +81,8 @@ def _time_device(cfg: Config, fmap: FeatureMap, memory: SlotMemory, states, real
     return {
         "device": device,
         "outer_step_s": float(np.median(times)),
-        "inner_steps": cfg.distill.inner_steps,
+        "inner_optimizer": "expert" if d.uses_expert_optimiser else "sgd",
+        "inner_steps": d.segment_steps(0)[0],
         "unroll": cfg.distill.unroll,
         "memory_slots": len(memory),
         "memory_batch": min(cfg.distill.memory_batch, len(memory)),
@@ -93,10 +97,10 @@ def bench_bilevel(cfg: Config, out: str, rows: Optional[int] = None, verbose: bo
     fmap = bench_fmap(rows)
     slots = max(1, capacity(rows, cfg.memory))
     memory = SlotMemory.from_rows(_rows(fmap, slots, rng), fmap, cfg.memory, 0, 0, rng)
-    states = _trajectory(cfg, fmap, rng, max(1, cfg.expert.checkpoints_per_stage))
+    states, optims = _trajectory(cfg, fmap, rng, max(1, cfg.expert.checkpoints_per_stage))
     real_rows = _rows(fmap, cfg.distill.real_batch, rng)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    results = [_time_device(cfg, fmap, memory, states, real_rows, dev, repeats=3) for dev in devices]
+    results = [_time_device(cfg, fmap, memory, states, optims, real_rows, dev, repeats=3) for dev in devices]
     for r in results:
         log.info("bench bilevel: %s outer step %.3fs (%d slots, %d params)", r["device"], r["outer_step_s"], r["memory_slots"], r["params"])
     summary: Dict[str, Any] = {

@@ -90,8 +90,29 @@ def expand(source: str) -> List[str]:
     return [proto + f if proto and not f.startswith(proto) else f for f in files]
 
 
+_BUCKETS_FOUND: set = set()
+
+
+def _require_bucket(uri: str, fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """s3fs ``makedirs`` creates a missing bucket; a typo in run.dir must not create one in the
+    user's account. A missing or invisible bucket is a one-line error instead."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return
+    bucket = path.split("/", 1)[0]
+    if bucket in _BUCKETS_FOUND:
+        return
+    try:
+        found = fs.exists(bucket)
+    except PermissionError as e:
+        raise DataError(f"{uri}: access denied to bucket '{bucket}' ({e}). Check your AWS credentials and bucket policy.")
+    if not found:
+        raise DataError(f"{uri}: bucket '{bucket}' does not exist or these credentials cannot see it. Create it first, or check the path.")
+    _BUCKETS_FOUND.add(bucket)
+
+
 def makedirs(uri: str) -> None:
     fs, path = get_fs(uri)
+    _require_bucket(uri, fs, path)
     fs.makedirs(path, exist_ok=True)
 
 
@@ -109,6 +130,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     fs, path = get_fs(uri)
     parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
     if parent:
+        _require_bucket(uri, fs, path)
         fs.makedirs(parent, exist_ok=True)
     if is_remote(uri):
         # A single PUT is atomic on S3: readers see the old object or the new one.

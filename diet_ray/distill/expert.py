@@ -7,12 +7,15 @@ measures what generalises forward; those rows open stage t+1's pass instead. The
 is therefore its input delayed by one holdout: every row is trained on exactly once, in time
 order, and checkpoint 0 of stage t+1 equals the last checkpoint of stage t (the warm start).
 
-On disk: ``run_dir/expert/stage=NNNN/{ckpt-KK.pt, optim.pt, ref.parquet, meta.json}``; every
+On disk: ``run_dir/expert/stage=NNNN/{ckpt-KK.pt, optim-KK.pt, optim.pt, ref.parquet, meta.json}``
+(``optim-KK.pt``: the optimiser's state at checkpoint KK, which the bi-level student continues
+from; runs written before it existed load with ``optim=None``); every
 file is written atomically and ``meta.json`` is written last, so a stage without it is absent.
 Checkpoints are ``torch.save``d state dicts and are read back with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import time
@@ -39,6 +42,7 @@ class ExpertCheckpoint:
     index: int  # 0..K; 0 = stage start (the warm-start state)
     lr: float  # learning rate of the segment that ends here; 0 for index 0
     state: Dict[str, torch.Tensor]  # model.state_dict(), CPU
+    optim: Optional[dict] = None  # the optimiser's state_dict() at this checkpoint (moments), CPU
 
 
 @dataclass
@@ -120,7 +124,7 @@ class StreamExpert:
             if fs.exists(optim_uri):
                 opt.load_state_dict(_load_torch(optim_uri))
             train = EncodedRows.concat([prev.ref_rows, train])
-        checkpoints = [ExpertCheckpoint(0, 0.0, self._state(model))]
+        checkpoints = [ExpertCheckpoint(0, 0.0, self._state(model), self._optim_state(opt))]
         n, bs = len(train), max(1, int(self.cfg.batch_size))
         n_batches = -(-n // bs)
         # Segment c ends after batch round(c * n_batches / K): K checkpoints spread over the pass.
@@ -135,7 +139,7 @@ class StreamExpert:
                 loss.backward()
                 opt.step()
                 b += 1
-            checkpoints.append(ExpertCheckpoint(c, float(self.cfg.lr), self._state(model)))
+            checkpoints.append(ExpertCheckpoint(c, float(self.cfg.lr), self._state(model), self._optim_state(opt)))
         result = ExpertStage(stage, checkpoints, ref, n, time.perf_counter() - t0, n)
         self._save(result, opt)
         log.info("expert stage %d: %d rows, %d checkpoints, %.1fs", stage, n, len(checkpoints), result.wall_s)
@@ -155,12 +159,19 @@ class StreamExpert:
     def _state(model: CTRModel) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
+    @staticmethod
+    def _optim_state(opt: torch.optim.Optimizer) -> dict:
+        # state_dict() shares the live moment tensors, which later steps update in place.
+        return copy.deepcopy(opt.state_dict())
+
     # -- persistence ----------------------------------------------------------------------
 
     def _save(self, st: ExpertStage, opt: torch.optim.Optimizer) -> None:
         d = expert_dir(self.run_dir, st.stage)
         for c in st.checkpoints:
             _save_torch(fs.join(d, f"ckpt-{c.index:02d}.pt"), c.state)
+            if c.optim is not None:
+                _save_torch(fs.join(d, f"optim-{c.index:02d}.pt"), c.optim)
         _save_torch(fs.join(d, "optim.pt"), opt.state_dict())
         fs.write_parquet_atomic(rows_to_table(st.ref_rows, self.fmap), fs.join(d, "ref.parquet"))
         meta = {
@@ -185,6 +196,11 @@ class StreamExpert:
                 f"{meta_uri}: saved for model {meta.get('model')} with {len(meta['checkpoints']) - 1} checkpoints, "
                 f"but expert.model={dict(self.cfg.model)}, expert.checkpoints_per_stage={self.K}. Use a new run.dir."
             )
-        cks = [ExpertCheckpoint(int(c["index"]), float(c["lr"]), _load_torch(fs.join(d, f"ckpt-{int(c['index']):02d}.pt"))) for c in meta["checkpoints"]]
+        cks = []
+        for c in meta["checkpoints"]:
+            i = int(c["index"])
+            optim_uri = fs.join(d, f"optim-{i:02d}.pt")
+            optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
+            cks.append(ExpertCheckpoint(i, float(c["lr"]), _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim))
         ref = EncodedRows.from_table(fs.read_parquet(fs.join(d, "ref.parquet")), self.fmap)
         return ExpertStage(stage, cks, ref, int(meta["train_rows"]), float(meta["wall_s"]), int(meta["sample_steps"]))

@@ -203,6 +203,22 @@ def _stage_line(m: Dict[str, Any]) -> str:
     )
 
 
+def _restore_results_lines(run_dir: str, last: int) -> None:
+    """A driver killed between a stage's commit and its results line leaves the stage committed
+    but unreported (and a rerun does not recompute it): rebuild the line from the committed
+    metrics.json, which holds the same record."""
+    from diet_ray.memory.commit import METRICS_FILE
+    from diet_ray.memory.slots import committed_stage_dir
+
+    uri = fs.join(run_dir, RESULTS_FILE)
+    have = {r.get("stage") for r in fs.read_jsonl(uri) if r.get("kind") == "stage"}
+    missing = [t for t in range(last + 1) if t not in have]
+    if missing:
+        log.warning("%s: restoring the results lines of committed stage(s) %s (interrupted after commit)", uri, missing)
+        fs.append_jsonl(uri, [dict(kind="stage", **fs.read_json(fs.join(committed_stage_dir(run_dir, t), METRICS_FILE)))
+                              for t in missing])
+
+
 def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     """Distill every stage not yet committed; returns a summary (``resumed`` when stages existed)."""
     from tqdm import tqdm
@@ -225,6 +241,7 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
                                "resumed_after": last, "new_stages": todo, "per_stage": []}
     if last >= 0:
         log.info("resuming %s after committed stage %d", run_dir, last)
+        _restore_results_lines(run_dir, last)
     if not todo:
         memory = load_stage_memory(run_dir, last)
         summary.update(slots=len(memory), wall_s=time.perf_counter() - t_run)

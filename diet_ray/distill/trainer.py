@@ -77,6 +77,8 @@ def fit_stage(
     t0 = time.perf_counter()
     shard_refs = [ray.put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
     trajectory_ref = ray.put([ck.state for ck in checkpoints])
+    # The expert optimiser's state per checkpoint: the bi-level student continues from it.
+    optim_ref = ray.put([ck.optim for ck in checkpoints]) if all(ck.optim is not None for ck in checkpoints) else None
     spec = fmap.input_spec()
     # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
     # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).
@@ -84,6 +86,7 @@ def fit_stage(
     config = {
         "shards": shard_refs,
         "trajectory": trajectory_ref,
+        "optim_states": optim_ref,
         "model": dict(cfg.expert.model),
         "vocab_sizes": list(spec.vocab_sizes),
         "num_numeric": spec.num_numeric,
@@ -131,6 +134,7 @@ def fit_stage(
             updated = ShardUpdate(s["index"].numpy(), s["logits"], s["numeric"], s["label_logit"], s["weight_param"]).apply_to(updated)
     updated.updated_stage[refine_idx] = stage
     metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
-        "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s")}
+        "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s",
+        "inner_optimizer", "momentum_share")}
     metrics.update({"workers": workers, "cpus_per_worker": cpus, "fit_s": time.perf_counter() - t0})
     return BilevelResult([updated.take(a) for a in assignment], metrics)

@@ -7,7 +7,8 @@ tensors, Adam state: ``progress-RANK.pt``) is checkpointed every ``save_every`` 
 worker group restarted by ``FailureConfig`` continues where it stopped.
 
 ``config`` (built by ``diet_ray.distill.trainer``): object-store refs ``shards`` (one SlotShard
-per rank) and ``trajectory`` (the expert's checkpoint state dicts), plus ``model`` (candidate
+per rank), ``trajectory`` (the expert's checkpoint state dicts) and ``optim_states`` (the
+expert optimiser's state per checkpoint, or None), plus ``model`` (candidate
 dict), ``vocab_sizes``, ``num_numeric``, ``cat_names``, ``num_names``, ``distill`` (DistillConfig
 as a dict), ``temperature``, ``seed``, ``stage``, ``save_every``, ``torch_threads``, ``fault``.
 """
@@ -28,7 +29,7 @@ from diet_ray.models import Batch, InputSpec, build_model
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "DIET_RAY_FAULT"  # "bilevel:STAGE:STEP:FLAGFILE": fail once at that outer step (resume tests)
+FAULT_ENV = "DIET_RAY_FAULT"  # "bilevel[-exit]:STAGE:STEP:FLAGFILE": fail once at that outer step (resume tests)
 
 
 def shard_file(rank: int) -> str:
@@ -63,14 +64,17 @@ def _real_batches(shard, needed: int, batch_size: int, cat_names: List[str], num
 
 
 def _maybe_fail(spec: str, stage: int, step: int, rank: int) -> None:
-    """Fault injection for resume tests (``spec`` = the driver's $DIET_RAY_FAULT): raise once;
-    a flag file records that it happened."""
-    if not spec.startswith("bilevel:") or rank != 0:
+    """Fault injection for resume tests (``spec`` = the driver's $DIET_RAY_FAULT): raise once
+    (``bilevel:``) or kill the worker process once (``bilevel-exit:``); a flag file records
+    that it happened."""
+    if not spec.startswith(("bilevel:", "bilevel-exit:")) or rank != 0:
         return
-    _, s, k, flag = spec.split(":", 3)
+    mode, s, k, flag = spec.split(":", 3)
     if int(s) == stage and int(k) == step and not os.path.exists(flag):
         with open(flag, "w") as f:
             f.write("failed once\n")
+        if mode == "bilevel-exit":
+            os._exit(1)
         raise RuntimeError(f"injected fault at stage {stage} outer step {step} ({FAULT_ENV})")
 
 
@@ -89,6 +93,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
     shard = ray.get(config["shards"][rank])
     trajectory = ray.get(config["trajectory"])
+    optim_states = ray.get(config["optim_states"]) if config.get("optim_states") is not None else None
     spec = InputSpec(tuple(config["vocab_sizes"]), int(config["num_numeric"]))
     model = build_model(dict(config["model"]), spec, seed=derive_seed(config["seed"], "bilevel-student"))
     distiller = ShardDistiller(
@@ -102,6 +107,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         reduce_sum=identity_reduce if world == 1 else distributed_reduce_sum,
         world_size=world,
         device=device,
+        optim_states=optim_states,
     )
 
     start_loss: Optional[float] = None
@@ -143,6 +149,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         "outer_loss_end": end_loss,
         "outer_loss_last_step": losses[-1] if losses else None,
         "inner_lr": float(distiller.inner_lr().detach()),
+        "inner_optimizer": "expert" if distiller.uses_expert_optimiser else "sgd",
+        "momentum_share": distiller.momentum_share() if cfg.objective == "trajectory" else None,
         "real_batches": len(real),
         "loop_s": time.perf_counter() - t0,
         "world_size": world,

@@ -195,6 +195,9 @@ def evaluate(cfg: Config, verbose: bool = False) -> List[Dict[str, Any]]:
     for t in stages:
         history = store.read_history(t)
         test_rows: EncodedRows = store.read_stage(t + 1).with_unknown_as_oov(fmap, t)
+        if len(test_rows) == 0:  # an empty stage (a gap in time): no AUC without test rows
+            log.warning("stage %d: skipped, its test stage %d has no rows", t, t + 1)
+            continue
         base = {"kind": "evaluate", "stage": t, "test_stage": t + 1, "test_rows": len(test_rows), "config_hash": chash}
         stage_records = [popularity_record(history, test_rows, fmap, cfg, base)]
         test_ref = runner.put(test_rows.batch())

@@ -8,6 +8,8 @@ GPU requests are derived from what the cluster reports.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -23,6 +25,12 @@ log = logging.getLogger(__name__)
 
 SCORE_COL = "influence"
 BATCH_FORMATS = ("numpy", "pyarrow", "pandas")
+FAULT_ENV = "DIET_RAY_FAULT"  # "influence:BATCH:FLAGFILE": the actor exits at its BATCH-th call, once (tests)
+# A dead scorer actor is restarted and its in-flight batch re-run (the stage's rows are scored
+# exactly once in the output). Bounded, unlike Ray Data's default of -1: a batch that kills
+# every actor it lands on fails the stage instead of looping forever.
+ACTOR_MAX_RESTARTS = 3
+ACTOR_MAX_TASK_RETRIES = 3
 
 
 def _columns(batch: Any, names: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -71,6 +79,7 @@ class ScorerActor:
         seed: int,
         use_gpu: bool,
         threads: int,
+        fault: str = "",
     ):
         import ray
 
@@ -80,11 +89,26 @@ class ScorerActor:
         self.scorer = InfluenceScorer.from_prepared(build_model(model_cand, spec, seed=0), prepared, cfg, seed, device)
         self.cat_names, self.num_names = list(cat_names), list(num_names)
         self.device = device
+        self.fault, self.calls = fault, 0
 
     def __call__(self, batch: Any) -> Any:
+        _maybe_die(self.fault, self.calls)
+        self.calls += 1
         cols = _columns(batch, [*self.cat_names, *self.num_names, "_label", "_row_id"])
         scores = self.scorer.score(rows_batch(cols, self.cat_names, self.num_names), row_ids=cols["_row_id"])
         return _with_scores(batch, scores)
+
+
+def _maybe_die(spec: str, call: int) -> None:
+    """Fault injection for the retry tests (``spec`` = the driver's $DIET_RAY_FAULT): the actor
+    process exits at its ``BATCH``-th call unless the flag file exists (so only once)."""
+    if not spec.startswith("influence:"):
+        return
+    _, at, flag = spec.split(":", 2)
+    if call == int(at) and not os.path.exists(flag):
+        with open(flag, "w") as f:
+            f.write(f"scorer actor {os.getpid()} exited at batch {call}\n")
+        os._exit(1)
 
 
 def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dict[str, float]:
@@ -142,15 +166,23 @@ def score_stage(
             seed=seed,
             use_gpu=res["num_gpus"] > 0,
             threads=max(1, int(res["num_cpus"])),
+            fault=os.environ.get(FAULT_ENV, ""),
         ),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n),
         batch_size=int(cfg.batch_size),
         batch_format=batch_format,
         zero_copy_batch=True,
         num_cpus=res["num_cpus"],
+        max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES,
     )
     if res["num_gpus"] > 0:
         kwargs["num_gpus"] = res["num_gpus"]
     # Blocks of about one batch (a streaming split, no barrier): a stage stored as one big file
     # is otherwise a single block, which only one actor can work on.
-    return ds.repartition(target_num_rows_per_block=int(cfg.batch_size)).map_batches(ScorerActor, **kwargs)
+    ds = ds.repartition(target_num_rows_per_block=int(cfg.batch_size))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named map_batches parameter for max_restarts / max_task_retries yet;
+        # the remote-args route is deprecated for 2.64 (the pin is <2.61).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(ScorerActor, **kwargs)

@@ -1,0 +1,498 @@
+"""``diet-ray bench fidelity -c CONFIG --out DIR``: does a 1% training set rank candidates like full data?
+
+At each evaluation stage t (the last ``bench.fidelity_stages`` stages that have a next stage)
+every candidate of the zoo is trained from scratch on the full history D_1..D_t and on each
+variant's training set of the same slot budget C_t = ceil(ratio * |D_1..D_t|), and tested on
+D_{t+1}. Variants (DESIGN §9):
+
+- ``diet``: the DIET memory M_t of ``diet-ray run`` (run dir ``OUT/runs/diet-s<k>-b<ratio>-<config hash>``).
+- ``random``, ``reservoir``, ``recent``, ``influence_topk``, ``coreset``: real-row subsets from
+  ``diet_ray.evaluate.subsets``; influence and embeddings come from the stream expert of the
+  same seed (``OUT/experts/s<k>``, identical to the DIET run's expert).
+- ``static``: one-shot distillation of all history. The run dir gets a prepared stream whose
+  single stage is D_1..D_t concatenated, and the unchanged pipeline distills it once (one expert
+  pass, influence init, one bi-level job). With ``bench.static_outer_steps=matched`` that job
+  gets distill.outer_steps x (t+1) outer steps, the staged run's total, so the comparison is
+  about stages, not optimisation budget.
+- Ablations at ``memory.ratio`` (``bench.ablations``): diet_no_addressing (memory.addressing
+  =false), diet_no_growth (memory.growth=false), diet_gradient (distill.objective=gradient),
+  diet_random_init (memory.init=random).
+
+DIET runs distill only the stages needed: their prepared stream is a copy of stages 0..t_max
+(the last evaluated stage), so the test stage is never seen. Every run dir is resumed when
+present, and candidate results are cached in ``OUT/train_cache.jsonl`` by (variant, budget,
+seed, stage, candidate, protocol), so a rerun with more seeds only trains what is new.
+
+Candidate-training protocol (fair, fixed in config): every training set of N rows gets
+``evaluate.train`` (optimiser, lr, epochs, min_steps) with one batch rule,
+batch = clamp(ceil(N / bench.steps_per_epoch), bench.min_batch, evaluate.train.batch_size).
+Full history keeps the configured batch (its epochs have more than steps_per_epoch steps); a 1%
+set gets small batches so its epochs still take about steps_per_epoch optimiser steps instead
+of one. Epochs are equal, so sample-steps scale with N and the sample-step cost ratio is about
+|history| / C_t; wall-clock ratios are lower on small logs because small batches pay the same
+per-step overhead (optimiser update over all parameters). Nothing of D_{t+1} is used before the
+final test.
+
+Seeds: repetition k uses seed s_k = derive_seed(seed, "fidelity", k) for its DIET runs, its
+subsets and its candidate initialisations (shared by every variant of that repetition). Metrics
+are reported as mean and std over repetitions and evaluation stages.
+
+Outputs in OUT: ``results.jsonl`` (kind fidelity_train | fidelity | popularity | distill_cost),
+``summary.json``, ``table.md`` and plots under ``OUT/plots`` (``diet-ray report OUT`` redraws them).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from diet_ray.config import Config, TrainConfig, config_hash, derive_seed
+from diet_ray.data import fs
+from diet_ray.data.feature_map import FeatureMap, StageInfo
+from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir, stage_dir
+from diet_ray.errors import ConfigError, RunStateError
+from diet_ray.evaluate import subsets as S
+from diet_ray.evaluate.fidelity_report import fidelity_metrics
+from diet_ray.evaluate.runner import POPULARITY, Candidate, CandidateRunner, check_candidates, load_memory_batch
+from diet_ray.memory.addressing import capacity
+from diet_ray.models.batch import Batch
+
+log = logging.getLogger(__name__)
+
+FULL = "full"
+MEMORY_VARIANTS = ("diet", "static")
+# Ablation name -> config changes applied to the DIET run (DESIGN §9).
+ABLATIONS: Dict[str, Dict[str, Any]] = {
+    "diet_no_addressing": {"memory.addressing": False},
+    "diet_no_growth": {"memory.growth": False},
+    "diet_gradient": {"distill.objective": "gradient"},
+    "diet_random_init": {"memory.init": "random"},
+}
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+CACHE = "train_cache.jsonl"
+
+
+def default_zoo() -> List[Dict[str, Any]]:
+    """15 candidates: 7 architectures x embedding size, learning rate and depth. Deliberately
+    spread (fast and slow learning rates, narrow and deep towers) so full-data AUCs differ."""
+    return [
+        {"model": "lr", "lr": 0.05},
+        {"model": "lr", "lr": 0.005},
+        {"model": "fm", "embed_dim": 8, "lr": 0.01},
+        {"model": "fm", "embed_dim": 4, "lr": 0.002},
+        {"model": "dnn", "embed_dim": 16, "hidden": [64, 32]},
+        {"model": "dnn", "embed_dim": 8, "hidden": [32], "lr": 0.0005},
+        {"model": "dnn", "embed_dim": 32, "hidden": [128, 64, 32], "lr": 0.005},
+        {"model": "widedeep", "embed_dim": 16, "hidden": [64, 32]},
+        {"model": "widedeep", "embed_dim": 8, "hidden": [32], "lr": 0.01},
+        {"model": "deepfm", "embed_dim": 16, "hidden": [64, 32]},
+        {"model": "deepfm", "embed_dim": 8, "hidden": [64], "lr": 0.0005},
+        {"model": "dcnv2", "embed_dim": 16, "cross_layers": 2, "hidden": [64]},
+        {"model": "dcnv2", "embed_dim": 8, "cross_layers": 1, "hidden": [32], "lr": 0.01},
+        {"model": "autoint", "embed_dim": 16, "attn_layers": 2, "heads": 2},
+        {"model": "autoint", "embed_dim": 8, "attn_layers": 1, "heads": 1, "lr": 0.005},
+    ]
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def batch_size_for(rows: int, tc: TrainConfig, steps_per_epoch: int, min_batch: int) -> int:
+    """The one batch rule every training set follows (see module docstring)."""
+    return int(min(tc.batch_size, max(min_batch, math.ceil(max(rows, 1) / steps_per_epoch))))
+
+
+def protocol_for(rows: int, cfg: Config) -> TrainConfig:
+    tc = cfg.evaluate.train
+    return dataclasses.replace(tc, batch_size=batch_size_for(rows, tc, cfg.bench.steps_per_epoch, cfg.bench.min_batch))
+
+
+def eval_stages(num_stages: int, count: int) -> List[int]:
+    if num_stages < 2:
+        raise ConfigError(f"the prepared stream has {num_stages} stage(s); the fidelity bench needs at least 2")
+    last = num_stages - 2
+    return list(range(max(0, last - int(count) + 1), last + 1))
+
+
+def budget_tag(b: float) -> str:
+    return f"{b:g}"
+
+
+# ------------------------------------------------------------------------ prepared copies
+
+
+def write_prepared_groups(store: StageStore, run_dir: str, groups: Sequence[Sequence[int]]) -> None:
+    """``run_dir/prepared`` with stage i = the source stages ``groups[i]`` concatenated (files
+    copied, feature map re-derived). Resumable: existing stage dirs are kept."""
+    src, dst = store.root, prepared_dir(run_dir)
+    fmap = store.fmap
+    for i, group in enumerate(groups):
+        d = stage_dir(dst, i)
+        if fs.exists(fs.join(d, "_COPIED")):
+            continue
+        for s in group:
+            for f in store.stage_files(s):
+                name = f.rstrip("/").rsplit("/", 1)[-1]
+                fs.write_bytes_atomic(fs.join(d, f"s{s:04d}-{name}"), fs.read_bytes(f))
+        fs.write_bytes_atomic(fs.join(d, "_COPIED"), b"")
+    for c in fmap.categorical:  # vocabularies let `diet-ray export --format hard` decode the run's memory
+        if c.vocab_file and not fs.exists(fs.join(dst, c.vocab_file)) and fs.exists(fs.join(src, c.vocab_file)):
+            fs.write_bytes_atomic(fs.join(dst, c.vocab_file), fs.read_bytes(fs.join(src, c.vocab_file)))
+    infos = []
+    for i, group in enumerate(groups):
+        parts = [fmap.stages[s] for s in group]
+        infos.append(StageInfo(i, sum(p.rows for p in parts), sum(p.positives for p in parts), parts[0].start_ts, parts[-1].end_ts))
+    cats = [dataclasses.replace(c, known=[c.known[g[-1]] for g in groups]) for c in fmap.categorical]
+    FeatureMap(fmap.source, fmap.label_rule, fmap.timestamp, cats, list(fmap.numeric), infos, fmap.version).save(
+        fs.join(dst, "feature_map.json")
+    )
+    fs.write_bytes_atomic(fs.join(dst, "_SUCCESS"), b"")
+
+
+def set_key(cfg: Config, dotted: str, value: Any) -> None:
+    section, key = dotted.split(".")
+    setattr(getattr(cfg, section), key, value)
+
+
+def distill_run(
+    cfg: Config, store: StageStore, out: str, name: str, seed: int, ratio: float,
+    groups: Sequence[Sequence[int]], changes: Dict[str, Any], verbose: bool,
+) -> str:
+    """Run (or resume) the DIET pipeline on the stage groups; returns the run dir."""
+    from diet_ray.distill.pipeline import run
+
+    rcfg = copy.deepcopy(cfg)
+    rcfg.seed, rcfg.memory.ratio = int(seed), float(ratio)
+    for k, v in changes.items():
+        set_key(rcfg, k, v)
+    # The result-config hash in the name: an identical config resumes, a changed one starts fresh.
+    rcfg.run.dir = fs.join(out, "runs", f"{name}-{config_hash(rcfg)[:8]}")
+    write_prepared_groups(store, rcfg.run.dir, groups)
+    t0 = time.perf_counter()
+    summary = run(rcfg, verbose=verbose)
+    if summary.get("new_stages"):
+        log.info("distilled %s: %d stage(s) in %.0fs", name, len(summary["new_stages"]), time.perf_counter() - t0)
+    return rcfg.run.dir
+
+
+def distill_cost(run_dir: str, through: int, cfg: Config) -> Dict[str, Any]:
+    """Expert + influence + bi-level time and sample-steps of a run's stages 0..through, from
+    each stage's metrics.json. Bi-level sample-steps are counted as outer steps x (inner steps
+    x memory batch + real batch) per worker unless the stage recorded its own count; influence
+    as rows scored x checkpoints."""
+    out = {"expert_s": 0.0, "influence_s": 0.0, "bilevel_s": 0.0, "sample_steps": 0}
+    for t in range(through + 1):
+        m = fs.read_json(fs.join(run_dir, "stages", f"stage={t:04d}", "metrics.json"))
+        out["expert_s"] += float(m.get("expert_s") or 0.0)
+        out["influence_s"] += float(m.get("influence_s") or 0.0)
+        out["bilevel_s"] += float(m.get("bilevel_s") or 0.0)
+        bl = m.get("bilevel") or {}
+        steps = int(m.get("expert_sample_steps") or 0)
+        steps += int(m.get("rows") or 0) * int(cfg.expert.checkpoints_per_stage)
+        if "sample_steps" in bl:
+            steps += int(bl["sample_steps"])
+        elif not bl.get("skipped"):
+            per = cfg.distill.inner_steps * min(cfg.distill.memory_batch, int(m.get("slots") or 0)) + cfg.distill.real_batch
+            steps += int(bl.get("outer_step") or cfg.distill.outer_steps) * per * int(bl.get("workers") or 1)
+        out["sample_steps"] += steps
+    out["wall_s"] = out["expert_s"] + out["influence_s"] + out["bilevel_s"]
+    return out
+
+
+# ------------------------------------------------------------------------- expert signals
+
+
+class ExpertSignals:
+    """Per-stage influence scores and row embeddings from the stream expert of one seed."""
+
+    def __init__(self, cfg: Config, store: StageStore, out: str, seed: int):
+        from diet_ray.distill.expert import StreamExpert
+
+        self.cfg, self.store, self.seed = cfg, store, seed
+        self.expert = StreamExpert(store.fmap, cfg.expert, derive_seed(seed, "expert"), fs.join(out, "experts", f"s{seed}"))
+        self._scores: Dict[int, np.ndarray] = {}
+
+    def stage(self, t: int):
+        return self.expert.train_through(self.store, t)
+
+    def scores(self, s: int) -> np.ndarray:
+        """TracIn (``influence.estimator``) of every row of D_s against stage s's reference set."""
+        if s not in self._scores:
+            from diet_ray.influence.scorer import InfluenceScorer
+
+            es = self.stage(s)
+            rows = self.store.read_stage(s)
+            scorer = InfluenceScorer(self.expert.build_model(), es.checkpoints, es.ref_rows.batch(), self.cfg.influence,
+                                     derive_seed(self.seed, "influence", s))
+            self._scores[s] = scorer.score(rows.batch(), rows.row_id)
+        return self._scores[s]
+
+    @torch.no_grad()
+    def embeddings(self, t: int, rows: EncodedRows) -> np.ndarray:
+        """Pooled field embeddings [N, F*W (+numeric)] under the expert's last checkpoint of stage t."""
+        model = self.expert.build_model()
+        model.load_state_dict(self.stage(t).checkpoints[-1].state)
+        out = []
+        for s in range(0, len(rows), 65536):
+            r = rows.slice(s, s + 65536)
+            ids = torch.as_tensor(r.cat).unsqueeze(-1)
+            x = model.fields(model.gather(ids), None, torch.as_tensor(r.num))
+            out.append(x.reshape(len(r), -1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, 1), np.float32)
+
+
+# ---------------------------------------------------------------------------------- bench
+
+
+def fingerprint(batch: Batch) -> str:
+    """Content hash of a training set: a cached result is reused only for identical data
+    (a re-distilled memory or a re-prepared stream trains again)."""
+    h = hashlib.sha256()
+    for x in (batch.ids, batch.numeric, batch.label, batch.probs, batch.weight):
+        h.update(b"-" if x is None else x.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+class _Cache:
+    """Candidate results by key, persisted as JSONL so reruns train only what is new."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.rows: Dict[str, Dict[str, Any]] = {}
+        if fs.exists(path):
+            for r in fs.read_jsonl(path):
+                self.rows[r["key"]] = r
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        return self.rows.get(key)
+
+    def add(self, recs: List[Dict[str, Any]]) -> None:
+        fs.append_jsonl(self.path, recs)
+        for r in recs:
+            self.rows[r["key"]] = r
+
+
+class FidelityBench:
+    def __init__(self, cfg: Config, out: str, verbose: bool):
+        from diet_ray.data.prepare import prepare
+
+        self.cfg, self.out, self.verbose = cfg, out, verbose
+        data_cfg = copy.deepcopy(cfg)
+        data_cfg.run.dir = fs.join(out, "data")
+        if not fs.exists(fs.join(prepared_dir(data_cfg.run.dir), "_SUCCESS")):
+            prepare(data_cfg)
+        self.store = StageStore(data_cfg.run.dir)
+        self.fmap = self.store.fmap
+        self.spec = self.fmap.input_spec()
+        zoo = list(cfg.bench.zoo) if cfg.bench.zoo else default_zoo()
+        try:
+            self.cands: List[Candidate] = check_candidates(zoo, self.spec)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("evaluate.candidates", "bench.zoo")) from None
+        self.stages = eval_stages(self.store.num_stages, cfg.bench.fidelity_stages)
+        self.main_budget = float(cfg.memory.ratio)
+        self.budgets = sorted({float(b) for b in cfg.bench.budgets} | {self.main_budget})
+        self.variants = list(dict.fromkeys(cfg.bench.variants))
+        self.cache = _Cache(fs.join(out, CACHE))
+        self.records: List[Dict[str, Any]] = []  # fidelity_train
+        self.fid: List[Dict[str, Any]] = []  # fidelity
+        self.costs: List[Dict[str, Any]] = []  # distill_cost
+        self.pops: List[Dict[str, Any]] = []
+        self._runner: Optional[CandidateRunner] = None
+
+    # -- training ---------------------------------------------------------------------------
+
+    def runner(self) -> CandidateRunner:
+        if self._runner is None:
+            self._runner = CandidateRunner(self.cfg, self.spec, self.verbose)
+        return self._runner
+
+    def train_set(self, variant: str, budget: Optional[float], k: int, seed: int, t: int, train: Batch, test_ref: Any, extra: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+        """Train every candidate on ``train`` (cached); returns {candidate: record}."""
+        tc = protocol_for(len(train), self.cfg)
+        proto = json.dumps(dataclasses.asdict(tc), sort_keys=True)
+        base = {"kind": "fidelity_train", "variant": variant, "budget": budget, "seed_index": k, "seed": seed, "stage": t,
+                "test_stage": t + 1, "batch_size": tc.batch_size, **extra}
+        data = fingerprint(train)
+        keys = {c.name: hashlib.sha256(json.dumps([data, variant, budget, seed, t, c.spec, proto], sort_keys=True, default=str).encode()).hexdigest()[:20] for c in self.cands}
+        todo = [c for c in self.cands if self.cache.get(keys[c.name]) is None]
+        if todo:
+            runner = self.runner()
+            # The runner trains with cfg.evaluate.train: hand it this set's protocol.
+            runner.cfg = dataclasses.replace(self.cfg, evaluate=dataclasses.replace(self.cfg.evaluate, train=tc))
+            seeds = [derive_seed(seed, "candidate", t, c.name) for c in todo]
+            res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {variant} {budget}")
+            self.cache.add([{**base, **r, "candidate": c.name, "model": c.model, "key": keys[c.name]} for c, r in zip(todo, res)])
+        out = {}
+        for c in self.cands:
+            rec = {**self.cache.get(keys[c.name]), **base}
+            rec.pop("key", None)
+            out[c.name] = rec
+            self.records.append(rec)
+        return out
+
+    def compare(self, variant: str, budget: Optional[float], k: int, t: int, full: Dict[str, Any], var: Dict[str, Any], train_rows: int) -> None:
+        m = {"kind": "fidelity", "variant": variant, "budget": budget, "seed_index": k, "stage": t, "test_stage": t + 1,
+             "train_rows": train_rows, **fidelity_metrics(full, var)}
+        self.fid.append(m)
+        log.info("seed %d stage %d %-20s b=%s rows=%d tau %.3f rho %.3f regret %.4f gap %.4f steps x%.1f wall x%.1f",
+                 k, t, variant, budget, train_rows, m["kendall"], m["spearman"], m["regret"], m["auc_gap"],
+                 m["cost_ratio_steps"], m["cost_ratio_wall"])
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> Dict[str, Any]:
+        from diet_ray.evaluate.runner import popularity_record
+
+        cfg = self.cfg
+        t_max = max(self.stages)
+        stage_sizes = [s.rows for s in self.fmap.stages]
+        for t in self.stages:
+            hist = self.store.read_history(t)
+            test = self.store.read_stage(t + 1).with_unknown_as_oov(self.fmap, t)
+            pop = popularity_record(hist, test, self.fmap, cfg, {"kind": POPULARITY, "stage": t, "test_stage": t + 1, "test_rows": len(test)})
+            self.pops.append(pop)
+        for k in range(cfg.bench.seeds):
+            seed = derive_seed(cfg.seed, "fidelity", k)
+            signals = ExpertSignals(cfg, self.store, self.out, seed)
+            for t in self.stages:
+                hist = self.store.read_history(t)
+                test = self.store.read_stage(t + 1).with_unknown_as_oov(self.fmap, t)
+                test_ref = self.runner().put(test.batch()) if cfg.evaluate.parallel else test.batch()
+                full = self.train_set(FULL, None, k, seed, t, hist.batch(), test_ref, {"train_rows": len(hist)})
+                self.compare(FULL, None, k, t, full, full, len(hist))
+                emb: Optional[np.ndarray] = None
+                for b in self.budgets:
+                    caps = [capacity(sum(stage_sizes[: s + 1]), dataclasses.replace(cfg.memory, ratio=b)) for s in range(t + 1)]
+                    for v in self.variants:
+                        if v in MEMORY_VARIANTS:
+                            if v == "static" and b != self.main_budget:
+                                continue
+                            batch, cost = self.memory_for(v, seed, k, b, t, t_max, {})
+                        else:
+                            if v == "coreset" and emb is None:
+                                emb = signals.embeddings(t, hist)
+                            idx = self.subset(v, hist, caps, seed, t, b, signals, emb, stage_sizes)
+                            batch, cost = hist.batch(idx), None
+                        res = self.train_set(v, b, k, seed, t, batch, test_ref, {"train_rows": len(batch)})
+                        self.compare(v, b, k, t, full, res, len(batch))
+                        if cost is not None:
+                            self.costs.append({"kind": "distill_cost", "variant": v, "budget": b, "seed_index": k, "stage": t, **cost})
+                if cfg.bench.ablations:
+                    for name, changes in ABLATIONS.items():
+                        batch, cost = self.memory_for(name, seed, k, self.main_budget, t, t_max, changes)
+                        res = self.train_set(name, self.main_budget, k, seed, t, batch, test_ref, {"train_rows": len(batch)})
+                        self.compare(name, self.main_budget, k, t, full, res, len(batch))
+                        self.costs.append({"kind": "distill_cost", "variant": name, "budget": self.main_budget, "seed_index": k, "stage": t, **cost})
+        return self.write()
+
+    def subset(self, v: str, hist: EncodedRows, caps: List[int], seed: int, t: int, b: float,
+               signals: ExpertSignals, emb: Optional[np.ndarray], stage_sizes: List[int]) -> np.ndarray:
+        k = caps[-1]
+        s = derive_seed(seed, "subset", v, t, budget_tag(b))
+        if v == "random":
+            return S.random_subset(len(hist), k, s)
+        if v == "recent":
+            return S.recent_subset(hist.ts, hist.row_id, k)
+        if v == "reservoir":
+            return S.reservoir_subset(stage_sizes[: t + 1], caps, s)
+        if v == "influence_topk":
+            labels, scores, off = [], [], 0
+            for st in range(t + 1):
+                labels.append(hist.label[off : off + stage_sizes[st]])
+                scores.append(signals.scores(st))
+                off += stage_sizes[st]
+            return S.influence_topk_stagewise(scores, labels, caps)
+        if v == "coreset":
+            assert emb is not None
+            return S.coreset_subset(emb, hist.label, k, s, self.cfg.bench.coreset)
+        raise ConfigError(f"bench.variants: unknown variant '{v}'")
+
+    def memory_for(self, v: str, seed: int, k: int, b: float, t: int, t_max: int, changes: Dict[str, Any]) -> Tuple[Batch, Dict[str, Any]]:
+        """The committed memory of stage t of the (resumed) DIET / static / ablation run, and its cost."""
+        changes = dict(changes)
+        if v == "static":
+            if self.cfg.bench.static_outer_steps == "matched":
+                changes["distill.outer_steps"] = int(self.cfg.distill.outer_steps) * (t + 1)
+            name, groups, stage = f"static-s{k}-b{budget_tag(b)}-t{t}", [list(range(t + 1))], 0
+        else:
+            name, groups, stage = f"{v}-s{k}-b{budget_tag(b)}", [[s] for s in range(t_max + 1)], t
+        run_dir = distill_run(self.cfg, self.store, self.out, name, seed, b, groups, changes, self.verbose)
+        rcfg = copy.deepcopy(self.cfg)
+        for key, val in changes.items():
+            set_key(rcfg, key, val)
+        mem = load_memory_batch(run_dir, stage, self.cfg.memory.temperature)
+        if len(mem) == 0:
+            raise RunStateError(f"{run_dir}: stage {stage} committed an empty memory; nothing to train candidates on")
+        return mem, {"run_dir": run_dir, **distill_cost(run_dir, stage, rcfg)}
+
+    # -- outputs ----------------------------------------------------------------------------
+
+    def write(self) -> Dict[str, Any]:
+        from diet_ray.evaluate.fidelity_report import redraw, summarize
+
+        fs.makedirs(self.out)
+        lines = [*self.pops, *self.records, *self.fid, *self.costs]
+        fs.write_bytes_atomic(fs.join(self.out, RESULTS), "".join(json.dumps(r, default=str) + "\n" for r in lines).encode())
+        meta = {
+            "source": self.cfg.data.source,
+            "stages": self.stages,
+            "num_stages": self.store.num_stages,
+            "seeds": self.cfg.bench.seeds,
+            "budgets": self.budgets,
+            "budget_ratio": self.main_budget,
+            "candidates": [c.name for c in self.cands],
+            "protocol": {
+                **dataclasses.asdict(self.cfg.evaluate.train),
+                "steps_per_epoch": self.cfg.bench.steps_per_epoch,
+                "min_batch": self.cfg.bench.min_batch,
+                "rule": "batch = clamp(ceil(N / steps_per_epoch), min_batch, batch_size); same epochs, lr, optimiser for every variant",
+            },
+        }
+        summary = summarize(lines, meta)
+        fs.write_json_atomic(fs.join(self.out, SUMMARY), summary)
+        redraw(self.out)
+        return summary
+
+
+def bench_fidelity(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
+    """Run the fidelity benchmark into ``out``; returns summary.json's content. ``rows`` sets the
+    row count of a synthetic source (ignored for real logs)."""
+    from diet_ray.data.synthetic import is_synthetic, with_rows
+
+    cfg = copy.deepcopy(cfg)
+    if rows is not None:
+        if is_synthetic(cfg.data.source):
+            cfg.data.source = with_rows(cfg.data.source, rows)
+        else:
+            log.info("--rows applies to synthetic sources only; using all of %s", cfg.data.source)
+    t0 = time.perf_counter()
+    summary = FidelityBench(cfg, out, verbose).run()
+    summary["bench_wall_s"] = time.perf_counter() - t0
+    fs.write_json_atomic(fs.join(out, SUMMARY), summary)
+    return compact(summary, out)
+
+
+def compact(summary: Dict[str, Any], out: str) -> Dict[str, Any]:
+    """The printed result (and OUT/fidelity.json): one row per variant at the main budget."""
+    from diet_ray.evaluate.fidelity_report import order_variants
+
+    rows = []
+    for name in order_variants(summary["variants"]):
+        e = summary["variants"][name]
+        rows.append({
+            "variant": name, "kendall": e["kendall_mean"], "kendall_std": e["kendall_std"], "spearman": e["spearman_mean"],
+            "regret": e["regret_mean"], "auc_gap": e["auc_gap_mean"], "steps_x": e["cost_ratio_steps"], "wall_x": e["cost_ratio_wall"],
+            "break_even": e.get("break_even_candidates_steps"),
+        })
+    return {"out": out, "budget_ratio": summary["budget_ratio"], "seeds": summary["seeds"], "stages": summary["stages"],
+            "bench_wall_s": summary.get("bench_wall_s"), "summary": fs.join(out, SUMMARY), "table": fs.join(out, "table.md"), "variants": rows}

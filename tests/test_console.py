@@ -1,0 +1,95 @@
+"""A calm console: user errors are one line (a traceback only with --verbose); Ray Data's progress
+and INFO lines and the raylet's worker-count notice show only when verbose.
+
+A whole ``diet-ray run``'s stderr is checked in tests/test_s3_pipeline.py (one line per stage,
+no Ray Data output) and in tests/test_job_submit.py (the job's log).
+"""
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from diet_ray import ray_runtime
+from diet_ray.cli import STEP_LOGGERS, main, setup_logging
+from diet_ray.config import load_config
+from diet_ray.data.prepare import prepare
+from diet_ray.data.stages import StageStore
+from diet_ray.errors import DataError
+
+RAY_DATA_NOISE = ("Running Dataset", "ReadParquet", "ReadFiles", "execution finished", "Progress bars disabled")
+
+
+def test_user_error_is_one_line_and_verbose_shows_the_traceback(tmp_path, capsys):
+    args = ["run", f"data.source={tmp_path / 'nope.csv'}", f"run.dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "Traceback" not in out.err
+    assert out.err.strip().splitlines() == [out.err.strip()] and out.err.startswith("diet-ray run: error: ")
+    assert "nope.csv" in out.err and "data.source" in out.err
+    with pytest.raises(DataError, match="nope.csv"):  # --verbose: the exception propagates
+        main([*args, "--verbose"])
+    setup_logging(False)
+
+
+def test_stage_step_loggers_only_when_verbose():
+    setup_logging(True)
+    assert all(logging.getLogger(n).isEnabledFor(logging.INFO) for n in STEP_LOGGERS)
+    setup_logging(False)
+    assert not any(logging.getLogger(n).isEnabledFor(logging.INFO) for n in STEP_LOGGERS)
+    assert logging.getLogger("diet_ray.distill.pipeline").isEnabledFor(logging.INFO)  # the stage line
+
+
+def test_raylet_worker_count_notice_only_when_verbose(capfd):
+    import ray._private.worker as ray_worker
+
+    def notice(text: str) -> None:
+        ray_worker.print_to_stdstream({"lines": [text], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+
+    try:
+        ray_runtime._filter_raylet_notices(False)
+        notice("WARNING: 8 PYTHON worker processes have been started on node: a1 with address: 127.0.0.1")
+        notice("Task was killed due to the node running low on memory (b2)")
+        out = capfd.readouterr().out
+        assert "worker processes" not in out and "low on memory (b2)" in out
+        ray_runtime._filter_raylet_notices(True)
+        notice("WARNING: 12 PYTHON worker processes have been started on node: c3 with address: 127.0.0.1")
+        assert "12 PYTHON worker processes" in capfd.readouterr().out
+    finally:
+        ray_runtime._filter_raylet_notices(False)
+
+
+def test_ray_data_is_silent_unless_verbose(ray_local, tmp_path, capsys):
+    cfg = load_config(None, ["data.source=synthetic://default?rows=3000&stages=2&users=100&items=200",
+                             "data.stages.count=2", f"run.dir={tmp_path / 'run'}"])
+    prepare(cfg)
+    store = StageStore(cfg.run.dir)
+    # Ray Data's console handlers keep the sys.stderr of their creation (here pytest's own
+    # capture), so they are pointed at a buffer for the test.
+    console = io.StringIO()
+    handlers = [h for h in logging.getLogger("ray.data").handlers if type(h) is not logging.Handler
+                and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    assert handlers
+    streams = [h.setStream(console) for h in handlers]
+
+    def scan() -> str:
+        capsys.readouterr()
+        console.seek(0)
+        console.truncate()
+        rows = store.ray_dataset(0).map_batches(lambda b: b, batch_size=256).materialize().count()
+        assert rows == store.fmap.stages[0].rows
+        out = capsys.readouterr()
+        return out.out + out.err + console.getvalue()
+
+    try:
+        ray_runtime.quiet_data(False)
+        quiet = scan()
+        assert not [n for n in RAY_DATA_NOISE if n in quiet], quiet
+        ray_runtime.quiet_data(True)
+        loud = scan()
+        assert "execution finished" in loud and "ReadFilesParquet" in loud, loud
+    finally:
+        ray_runtime.quiet_data(False)
+        for h, s in zip(handlers, streams):
+            h.setStream(s)

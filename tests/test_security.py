@@ -1,0 +1,152 @@
+"""Nothing exposed (issue 7): a local Ray node listens on loopback only; credentials from the
+environment never reach logs, configs or the run directory; checkpoints are never unpickled."""
+from __future__ import annotations
+
+import io
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import psutil
+import pytest
+import torch
+
+from diet_ray.errors import RunStateError
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIADIETRAYLEAKCHECK1",
+    "AWS_SECRET_ACCESS_KEY": "dietRaySecretLeakCheck/2f9b7c1e5a",
+    "AWS_SESSION_TOKEN": "dietRayTokenLeakCheck-8d3e",
+}
+
+
+def _listening(procs: List[psutil.Process]) -> List[Tuple[int, str, str, int]]:
+    out = []
+    for p in procs:
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((p.pid, name, c.laddr.ip, c.laddr.port))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def _is_loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+@pytest.mark.ray
+def test_local_ray_node_listens_on_loopback_only(ray_local):
+    """Every socket the local node's processes (this driver, gcs_server, raylet, agents, workers)
+    listen on is bound to 127.0.0.1 (or its IPv4-mapped form), never to * or a routable IP."""
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def worker_pid() -> int:
+        return os.getpid()
+
+    pids = set(ray.get([worker_pid.remote() for _ in range(2)]))
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    assert pids <= {p.pid for p in procs}, "the workers are not under this session's node"
+    sockets = _listening(procs)
+    names = {name for _, name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # the check sees the node's servers
+    exposed = [s for s in sockets if not _is_loopback(s[2])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def _grep_tree(root: Path, needles: Dict[str, str]) -> List[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                blob = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {key}" for key, value in needles.items() if value.encode() in blob]
+    return hits
+
+
+@pytest.mark.ray
+def test_credentials_never_land_in_logs_configs_or_the_run_dir(ray_local, tmp_path):
+    """``diet-ray prepare`` then ``run`` (one stage: expert, influence actors, commit) with AWS
+    credentials in the environment, verbose: none of them appears in stdout/stderr, in any file
+    of the run directory, or in the Ray session's logs."""
+    run_dir = tmp_path / "run"
+    args = [
+        "data.source=synthetic://default?rows=1500&stages=1&users=100&items=200", "data.stages.count=1",
+        f"run.dir={run_dir}", "expert.model={model: dnn, embed_dim: 4, hidden: [8]}", "distill.outer_steps=0", "influence.num_actors=1",
+    ]
+    env = dict(os.environ, **SECRETS, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cli = str(Path(sys.executable).with_name("diet-ray"))
+    outputs = []
+    for verb in ("prepare", "run"):
+        proc = subprocess.run([cli, verb, "--verbose", *args], env=env, capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        outputs.append(proc.stdout + proc.stderr)
+    assert (run_dir / "stages" / "stage=0000" / "_SUCCESS").exists()
+    assert (run_dir / "config.yaml").exists()
+
+    for value in SECRETS.values():
+        assert not any(value.encode() in out for out in outputs), "a credential was printed"
+    assert not _grep_tree(run_dir, SECRETS)
+    session_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    assert session_logs.is_dir()
+    assert not _grep_tree(session_logs, SECRETS)
+
+
+class _Payload:
+    """Unpickling this runs a shell command (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_expert_checkpoint_is_refused_not_executed(tmp_path):
+    from diet_ray.config import ExpertConfig
+    from diet_ray.distill.expert import StreamExpert, expert_dir
+    from test_expert import stage_rows, tiny_fmap
+
+    fmap = tiny_fmap()
+    cfg = ExpertConfig(model={"model": "lr"}, batch_size=64, checkpoints_per_stage=2, holdout_frac=0.1)
+    ex = StreamExpert(fmap, cfg, seed=0, run_dir=str(tmp_path / "run"))
+    ex.train_stage(0, stage_rows(0, 400))
+    ckpt = sorted(Path(expert_dir(str(tmp_path / "run"), 0)).glob("ckpt-*.pt"))[-1]
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"state": _Payload(marker)}, buf)
+    ckpt.write_bytes(buf.getvalue())
+
+    with pytest.raises(RunStateError, match=str(ckpt)) as err:
+        StreamExpert(fmap, cfg, seed=0, run_dir=str(tmp_path / "run")).load_stage(0)
+    assert "Weights only load failed" in str(err.value) or "weights_only" in str(err.value)
+    assert not marker.exists(), "the checkpoint's pickle was executed"
+    torch.load(str(ckpt), weights_only=False)  # the payload is live: a plain load would run it
+    assert marker.exists()
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    """Every torch.load passes weights_only=True; nothing calls pickle/np.load(allow_pickle)."""
+    root = Path(__file__).resolve().parents[1] / "diet_ray"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if "torch.load(" in code and "weights_only=True" not in code:
+                offenders.append(f"{path}:{no}: {line.strip()}")
+            if any(bad in code for bad in ("pickle.load", "pickle.loads", "allow_pickle=True", "read_pickle(", "cloudpickle.load")):
+                offenders.append(f"{path}:{no}: {line.strip()}")
+    assert not offenders, offenders
