@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -78,31 +77,43 @@ def _grep_tree(root: Path, needles: Dict[str, str]) -> List[str]:
 
 
 @pytest.mark.ray
-def test_credentials_never_land_in_logs_configs_or_the_run_dir(ray_local, tmp_path):
-    """``diet-ray prepare`` then ``run`` (one stage: expert, influence actors, commit) with AWS
-    credentials in the environment, verbose: none of them appears in stdout/stderr, in any file
-    of the run directory, or in the Ray session's logs."""
+def test_credentials_never_land_in_logs_configs_or_the_run_dir(ray_local, tmp_path, monkeypatch, capsys, caplog):
+    """``diet-ray prepare`` then ``run --verbose`` (two stages: expert, influence actors, commit)
+    with AWS credentials in the environment: none of them is printed, logged (DEBUG included),
+    written to any file of the run directory or of the Ray session's logs, or handed to Ray
+    workers through the runtime env."""
+    from diet_ray.cli import main
+    from diet_ray.ray_runtime import _worker_env_vars
+
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+    caplog.set_level(logging.DEBUG)
     run_dir = tmp_path / "run"
     args = [
-        "data.source=synthetic://default?rows=1500&stages=1&users=100&items=200", "data.stages.count=1",
-        f"run.dir={run_dir}", "expert.model={model: dnn, embed_dim: 4, hidden: [8]}", "distill.outer_steps=0", "influence.num_actors=1",
+        "data.source=synthetic://default?rows=2000&stages=2&users=100&items=200", "data.stages.count=2",
+        f"run.dir={run_dir}", "expert.model={model: dnn, embed_dim: 4, hidden: [8]}", "distill.outer_steps=0",
+        "influence.num_actors=1",
     ]
-    env = dict(os.environ, **SECRETS, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    cli = str(Path(sys.executable).with_name("diet-ray"))
-    outputs = []
-    for verb in ("prepare", "run"):
-        proc = subprocess.run([cli, verb, "--verbose", *args], env=env, capture_output=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-        outputs.append(proc.stdout + proc.stderr)
-    assert (run_dir / "stages" / "stage=0000" / "_SUCCESS").exists()
-    assert (run_dir / "config.yaml").exists()
+    # The CLI's --verbose sets logger levels for the whole process: put them back afterwards.
+    loggers = [logging.getLogger(n) for n in ("diet_ray", "ray", "diet_ray.distill.expert", "diet_ray.influence.ray_scoring")]
+    levels = [lg.level for lg in loggers]
+    try:
+        assert main(["prepare", "--verbose", *args]) == 0
+        assert main(["run", "--verbose", *args]) == 0
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    assert (run_dir / "stages" / "stage=0000" / "_SUCCESS").exists() and (run_dir / "config.yaml").exists()
 
-    for value in SECRETS.values():
-        assert not any(value.encode() in out for out in outputs), "a credential was printed"
+    captured = capsys.readouterr()
+    printed = captured.out + captured.err + caplog.text
+    assert caplog.records, "nothing was logged: the check would be vacuous"
+    for key, value in SECRETS.items():
+        assert value not in printed, f"{key} was printed or logged"
+        assert key not in _worker_env_vars()
     assert not _grep_tree(run_dir, SECRETS)
     session_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
-    assert session_logs.is_dir()
-    assert not _grep_tree(session_logs, SECRETS)
+    assert session_logs.is_dir() and not _grep_tree(session_logs, SECRETS)
 
 
 class _Payload:

@@ -305,8 +305,9 @@ class ShardDistiller:
         return self.cfg.expert_grad_scale if self.adam is not None else self.cfg.inner_lr
 
     def inner_lr(self) -> torch.Tensor:
-        """The inner learning rate: SGD's, or the multiplier of the memory gradient fed to the
-        expert's optimiser (a differentiable function of log-lr when learnable)."""
+        """The learnable inner scalar: SGD's lr; for the expert student the multiplier of the
+        expert's lr (of the memory's gradient with ``expert_momentum``). A differentiable function
+        of log-lr when learnable."""
         if self.log_lr is not None:
             return self.log_lr.exp()
         return torch.tensor(self._lr0(), device=self.device)
