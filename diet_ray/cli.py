@@ -105,7 +105,9 @@ def dispatch(args: argparse.Namespace) -> int:
     from diet_ray.config import load_config
 
     verb = args.verb
-    path = args.config if getattr(args, "config", None) or verb != "quickstart" else embedded_config("quickstart")
+    path = getattr(args, "config", None)
+    if path is None and verb == "quickstart":
+        path = embedded_config("quickstart")
     cfg = load_config(path, args.overrides) if hasattr(args, "overrides") else None
     if cfg is not None:
         from diet_ray.data import fs
