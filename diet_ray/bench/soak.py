@@ -10,7 +10,9 @@ Measured while it runs (a sampler thread, every ``INTERVAL_S``):
 - The object store through Ray's node stats (``get_memory_info_reply``, a private API pinned
   with Ray 2.60): bytes used and bytes spilled to disk so far.
 Each sample is attributed to the stage in progress (committed stages + 1), so the result has a
-per-stage series of peaks; ``rss_growth`` compares the last stages with the early ones.
+per-stage series of peaks; ``rss_growth`` compares the last stages with the early ones. The
+peaks of each finished stage are also appended to ``OUT/soak_progress.jsonl`` (in MB) as the
+soak goes, so a long soak stopped early keeps its series.
 
 The default is 10M rows in 10 stages (configs/synthetic-10m.yaml); ``--rows`` scales it down.
 """
@@ -58,7 +60,7 @@ def _object_store_stats() -> Optional[Dict[str, float]]:
 class TreeSampler:
     """Per-stage peaks of RSS/PSS over the driver's process tree and of object-store use."""
 
-    def __init__(self, run_dir: str, interval: float = INTERVAL_S):
+    def __init__(self, run_dir: str, interval: float = INTERVAL_S, progress_uri: Optional[str] = None):
         import psutil
 
         self.psutil = psutil
@@ -68,6 +70,7 @@ class TreeSampler:
         self.per_stage: Dict[int, Dict[str, float]] = {}
         self.samples = 0
         self.store_seen = False
+        self.progress_uri = progress_uri  # per-stage peaks appended as stages finish (a long soak stopped early keeps them)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="soak-sampler", daemon=True)
 
@@ -104,8 +107,13 @@ class TreeSampler:
         return out
 
     def _loop(self) -> None:
+        current = 0
         while not self._stop.is_set():
             stage = self._stage_in_progress()
+            if stage != current and self.progress_uri and current in self.per_stage:
+                fs.append_jsonl(self.progress_uri, [{"stage": current, **{k: round(v / MB, 1) if k != "procs" else v
+                                                                          for k, v in self.per_stage[current].items()}}])
+            current = stage
             s = self.sample()
             peaks = self.per_stage.setdefault(stage, {})
             for k, v in s.items():
@@ -163,7 +171,9 @@ def bench_soak(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool 
     cfg = soak_config(cfg, out, rows)
     fs.remove(cfg.run.dir)  # a cold run: never a resume
     log.info("soak: %s in %d stages -> %s", cfg.data.source, cfg.data.stages.count, cfg.run.dir)
-    with TreeSampler(cfg.run.dir) as sampler:
+    progress = fs.join(out, "soak_progress.jsonl")
+    fs.remove(progress)
+    with TreeSampler(cfg.run.dir, progress_uri=progress) as sampler:
         t0 = time.perf_counter()
         stats = prepare(cfg)
         prepare_s = time.perf_counter() - t0
