@@ -2,6 +2,7 @@
 cluster actually has (RAY-NOTES: 1-CPU actors or Train workers deadlock read tasks on 2 CPUs)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,30 +41,45 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
     else:
         # Local development: nothing listens beyond loopback; the dashboard is off (0.9 GB RSS).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        bind_loopback_only()
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            **kwargs,
-        )
+        with loopback_only():
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                **kwargs,
+            )
     quiet_data(verbose)
 
 
-def bind_loopback_only() -> None:
-    """Make a local Ray node's servers bind 127.0.0.1 only.
+@contextlib.contextmanager
+def loopback_only():
+    """While a local node starts, make its servers bind 127.0.0.1 only.
 
     In Ray 2.60, ``_node_ip_address="127.0.0.1"`` is not enough: ``resolve_ip_for_localhost``
     swaps loopback for the host's routable IP, and gcs_server, raylet, core workers and agents
     then listen on ``*``. The C++ servers bind loopback only when the node IP is 127.0.0.1. The
     one switch that keeps that IP is ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (read only by
-    ``services.get_node_ip_address``). Ray reads it into a module constant at import time, so the
-    constant is set too. The env var also reaches the node processes this driver starts."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        from ray._private import ray_constants
+    ``services.get_node_ip_address``; Ray reads it into a module constant at import time, so the
+    constant is set too). The node processes inherit the env var when they are spawned; both are
+    restored afterwards, so later subprocesses (``ray start --address``, which it would refuse)
+    do not see it. A user who sets it to 1 keeps Ray's default (all interfaces)."""
+    from ray._private import ray_constants
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    before_env, before_const = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    if before_env not in (None, "0"):
+        yield
+        return
+    os.environ[key] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        # Once connected, get_node_ip_address answers from the node; restoring the constant
+        # keeps a later ray.init(address=remote) in this process resolving its real IP.
+        ray_constants.ENABLE_RAY_CLUSTER = before_const
+        if before_env is None:
+            os.environ.pop(key, None)
 
 
 def _worker_env_vars() -> dict:

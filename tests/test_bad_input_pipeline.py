@@ -116,3 +116,15 @@ def test_unseen_ids_at_evaluation_use_the_oov_id(tmp_path):
     assert set(a) == set(b) and len(a) == 3  # popularity + 2 candidates
     for name in a:
         assert a[name]["auc"] == b[name]["auc"] and a[name]["logloss"] == b[name]["logloss"], name
+
+
+def test_user_errors_show_a_traceback_only_with_verbose(tmp_path, capsys):
+    from diet_ray.cli import main
+    from diet_ray.errors import DataError
+
+    args = ["prepare", f"data.source={tmp_path / 'missing.csv'}", f"run.dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "missing.csv" in err
+    with pytest.raises(DataError, match="missing.csv"):  # --verbose: the exception propagates (traceback)
+        main([*args, "--verbose"])
