@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 from typing import Optional
 
 from diet_ray.config import RayConfig
@@ -37,7 +38,8 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, **kwargs)
+        with loopback_only() if _gcs_on_loopback_only(address) else contextlib.nullcontext():
+            ray.init(address=address, **kwargs)
     else:
         # Local development: nothing listens beyond loopback; the dashboard is off (0.9 GB RSS).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -82,6 +84,39 @@ def loopback_only():
             os.environ.pop(key, None)
 
 
+def _gcs_on_loopback_only(address: str) -> bool:
+    """Whether ``address`` is a local node started by ``init_ray`` (GCS on 127.0.0.1 only).
+
+    Joining rewrites a loopback address to the host's routable IP (``resolve_ip_for_localhost``),
+    where such a GCS does not listen: the driver then retries forever. So when the address is
+    loopback and its port does not answer on the routable IP, join under ``loopback_only()``
+    too (the driver then also registers as 127.0.0.1, like the node). A node that listens on
+    all interfaces (``ray start``) answers there and is joined as Ray does by default."""
+    from ray._private import services
+
+    if address.startswith("ray://"):
+        return False
+    if address == "auto":
+        try:
+            address = services.get_ray_address_from_environment("auto", None) or ""
+        except Exception:  # no local cluster recorded: let ray.init report it
+            return False
+    parsed = services.parse_address(address)
+    if parsed is None or not services.is_localhost(parsed[0]):
+        return False
+    try:
+        routable = services.get_node_ip_address()
+    except Exception:
+        return True
+    if services.is_localhost(routable):
+        return False
+    try:
+        with socket.create_connection((routable, int(parsed[1])), timeout=1.0):
+            return False
+    except OSError:
+        return True
+
+
 def _worker_env_vars() -> dict:
     """Env vars workers need; keys a submitted job's runtime_env already sets are left out,
     because Ray refuses to merge a driver runtime_env that repeats a job's env var keys."""
@@ -119,6 +154,22 @@ def quiet_data(verbose: bool = False) -> None:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.INFO if verbose else logging.WARNING)
     _filter_raylet_notices(verbose)
+    map_log = logging.getLogger("ray.data._internal.execution.operators.map_operator")
+    for f in [f for f in map_log.filters if isinstance(f, _DropMessage)]:
+        map_log.removeFilter(f)
+    if not verbose:
+        # GPU scoring actors ask for fractional CPUs and GPUs on purpose (cpu_share); Ray Data
+        # warns on every stage that combining them is "experimental".
+        map_log.addFilter(_DropMessage("Specifying both num_cpus and num_gpus"))
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, substring: str) -> None:
+        super().__init__()
+        self.substring = substring
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.substring not in record.getMessage()
 
 
 # Substring of the raylet's "N PYTHON worker processes have been started ... 4x the maximum

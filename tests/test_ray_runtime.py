@@ -21,3 +21,32 @@ def test_cpu_share_leaves_a_cpu_for_ray_data(monkeypatch):
     assert ray_runtime.cpu_share(8) == 0.25
     monkeypatch.setattr(ray_runtime, "cluster_cpus", lambda: 16.0)
     assert ray_runtime.cpu_share(4) == 3.0
+
+
+def test_quiet_data_drops_only_the_cpu_and_gpu_map_warning():
+    import logging
+
+    from diet_ray.ray_runtime import quiet_data
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    log = logging.getLogger("ray.data._internal.execution.operators.map_operator")
+    keep = Keep()
+    log.addHandler(keep)  # Ray Data's loggers do not propagate to the root (no caplog)
+    try:
+        quiet_data(False)
+        log.warning("Specifying both num_cpus and num_gpus for map tasks is experimental")
+        log.warning("some other map operator warning")
+        assert keep.seen == ["some other map operator warning"]
+        quiet_data(True)  # --verbose: everything again
+        log.warning("Specifying both num_cpus and num_gpus for map tasks is experimental")
+        assert len(keep.seen) == 2
+    finally:
+        log.removeHandler(keep)
+        quiet_data(False)

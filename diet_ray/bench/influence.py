@@ -89,15 +89,43 @@ def _bench_run(cfg: Config, out: str, rows: Optional[int]) -> Config:
     return cfg
 
 
-def _train_rate(expert: StreamExpert, batches: List, lr: float) -> float:
-    model = expert.build_model()
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _train_rate(expert: StreamExpert, batches: List, lr: float, device: str = "cpu") -> float:
+    model = expert.build_model().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     step = lambda b: (opt.zero_grad(set_to_none=True), F.binary_cross_entropy_with_logits(model.logits(b), b.label).backward(), opt.step())  # noqa: E731
     step(batches[0])  # warm-up
+    _sync(device)
     t0 = time.perf_counter()
     for b in batches:
         step(b)
+    _sync(device)
     return sum(len(b) for b in batches) / (time.perf_counter() - t0)
+
+
+def _kernel(cfg: Config, expert: StreamExpert, es, stage_rows, device: str) -> Dict[str, Any]:
+    """Training vs TracIn rows/s in-process on ``device`` (CPU: one thread), same model and batch."""
+    mb = int(cfg.influence.micro_batch)
+    n_k = min(len(stage_rows), KERNEL_MAX_ROWS)
+    batches = [stage_rows.batch(np.arange(s, min(s + mb, n_k))).to(device) for s in range(0, n_k, mb)]
+    train_rate = _train_rate(expert, batches, cfg.expert.lr, device)
+    t0 = time.perf_counter()
+    scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
+                             derive_seed(cfg.seed, "influence", 0), device=device)
+    setup_s = time.perf_counter() - t0
+    scorer.score(batches[0])  # warm-up (functorch tracing)
+    _sync(device)
+    t0 = time.perf_counter()
+    for b in batches:
+        scorer.score(b)
+    _sync(device)
+    infl_rate = n_k / (time.perf_counter() - t0)
+    return {"device": device, "train_rows_per_s": train_rate, "influence_rows_per_s": infl_rate,
+            "influence_setup_s": setup_s, "throughput_ratio": infl_rate / train_rate}
 
 
 def _pipeline(store: StageStore, cfg: Config, es, actors: int, estimator: str, batch_format: str) -> Dict[str, Any]:
@@ -134,24 +162,15 @@ def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: 
     expert = StreamExpert.from_config(cfg, store.fmap, run_dir)
     es = expert.load_stage(0) or expert.train_stage(0, stage_rows)
 
-    # -- kernel: in-process, one thread, same model and batch size ---------------------------
+    # -- kernel: in-process, one CPU thread (and the GPU when one is configured and present) --
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mb = int(cfg.influence.micro_batch)
-        n_k = min(len(stage_rows), KERNEL_MAX_ROWS)
-        batches = [stage_rows.batch(np.arange(s, min(s + mb, n_k))) for s in range(0, n_k, mb)]
-        train_rate = _train_rate(expert, batches, cfg.expert.lr)
-        t0 = time.perf_counter()
-        scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence, derive_seed(cfg.seed, "influence", 0))
-        setup_s = time.perf_counter() - t0
-        scorer.score(batches[0])  # warm-up (functorch tracing)
-        t0 = time.perf_counter()
-        for b in batches:
-            scorer.score(b)
-        infl_rate = n_k / (time.perf_counter() - t0)
+        kernel = _kernel(cfg, expert, es, stage_rows, "cpu")
+        gpu_kernel = _kernel(cfg, expert, es, stage_rows, "cuda") if cfg.ray.use_gpu and torch.cuda.is_available() else None
     finally:
         torch.set_num_threads(threads_before)
+    mb, infl_rate, train_rate = int(cfg.influence.micro_batch), kernel["influence_rows_per_s"], kernel["train_rows_per_s"]
 
     # -- pipeline: the Ray actor pool end to end ---------------------------------------------
     init_ray(cfg.ray, verbose)
@@ -164,7 +183,8 @@ def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: 
         formats += [_pipeline(store, cfg, es, top, cfg.influence.estimator, f) for f in ("pyarrow", "pandas")]
         overhead = _pipeline(store, cfg, es, top, "random", "numpy")
     pipe = formats[0]["rows_per_s"]
-    ideal = infl_rate * min(top, cpus)
+    # Actors on GPUs share one device here: the GPU kernel is then the ceiling, not CPUs x kernel.
+    ideal = gpu_kernel["influence_rows_per_s"] if gpu_kernel else infl_rate * min(top, cpus)
     return {
         "source": cfg.data.source,
         "model": str(dict(cfg.expert.model)),
@@ -177,8 +197,9 @@ def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: 
         "cluster_cpus": cpus,
         "train_rows_per_s": train_rate,
         "influence_rows_per_s": infl_rate,
-        "influence_setup_s": setup_s,
+        "influence_setup_s": kernel["influence_setup_s"],
         "throughput_ratio": infl_rate / train_rate,
+        "gpu_kernel": gpu_kernel,
         "pipeline_actors": top,
         "pipeline_rows_per_s": pipe,
         "pipeline_first_batch_s": formats[0]["first_batch_s"],

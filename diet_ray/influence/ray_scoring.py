@@ -85,7 +85,15 @@ class ScorerActor:
 
         torch.set_num_threads(max(1, threads))
         prepared: PreparedCheckpoints = ray.get(prepared_ref[0])
-        device = "cuda" if use_gpu and torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        device = "cpu"
+        if use_gpu:
+            if not (torch.cuda.is_available() and ray.get_gpu_ids()):
+                # Silently scoring on CPU would hold a GPU idle and run K times slower.
+                raise RuntimeError(
+                    f"influence actor got GPUs {ray.get_gpu_ids()} but torch {torch.__version__} sees no CUDA device; "
+                    "install a CUDA build of torch on the GPU nodes, or set influence.gpus_per_actor=0 ray.use_gpu=false"
+                )
+            device = "cuda"
         self.scorer = InfluenceScorer.from_prepared(build_model(model_cand, spec, seed=0), prepared, cfg, seed, device)
         self.cat_names, self.num_names = list(cat_names), list(num_names)
         self.device = device
