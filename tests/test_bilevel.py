@@ -92,7 +92,7 @@ def distiller(cfg=CFG, learn=None, index=None, world=1, reduce=None, slots=24):
     kw = {} if reduce is None else {"reduce_sum": reduce}
     optims = expert_run()[2] if cfg.inner_optimizer == "expert" else None
     d = ShardDistiller(model, states, SlotShard.from_memory(mem, index, learn), cfg, seed=3, stage=0, world_size=world,
-                       optim_states=optims, **kw)
+                       optim_states=optims, real=[real], **kw)
     return d, mem, real
 
 
@@ -113,7 +113,7 @@ def test_expert_student_replays_torch_adam():
     it lands on the expert's next checkpoint."""
     spec, states, optims, real = expert_run()
     d = ShardDistiller(build_model(MODEL, spec, seed=9), states, SlotShard.from_memory(tiny_problem()[2], np.arange(24), np.arange(24)),
-                       dataclasses.replace(EXPERT_CFG, inner_steps=5, unroll=5), optim_states=optims)
+                       dataclasses.replace(EXPERT_CFG, inner_steps=5, unroll=5, match="all"), optim_states=optims)  # whole table
     assert d.segment_steps(1) == (5, 0.02)  # S_c = 5 steps at the expert's lr
     st = d.adam[1]
     theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.names}
@@ -172,18 +172,53 @@ def test_expert_saves_its_optimiser_state_per_checkpoint(tmp_path):
 
 
 def test_reachable_match_ignores_rows_no_slot_can_move():
-    d_reach, mem, _ = distiller(EXPERT_CFG)
+    d_reach, mem, real = distiller(EXPERT_CFG)
     d_all, _, _ = distiller(dataclasses.replace(EXPERT_CFG, match="all"))
+    support = d_reach.model.global_ids(mem.ids).reshape(-1).unique()
+    # The student holds only the rows the memory or its real batches touch ...
+    assert torch.equal(d_reach.rows, torch.cat([support, d_reach.model.global_ids(real.ids).reshape(-1)]).unique())
+    table = d_all.traj[1]["embedding.weight"]
+    assert torch.equal(d_reach.traj[1]["embedding.weight"], table[d_reach.rows]) and len(d_reach.rows) < len(table)
+    # ... and matches only the support rows among them.
     reach = d_reach.match["embedding.weight"].squeeze(1).bool()
-    rows = d_reach.model.global_ids(mem.ids).reshape(-1).unique()
-    assert torch.equal(torch.nonzero(reach).squeeze(1), rows.sort().values)
-    assert 0 < int(reach.sum()) < reach.numel()
+    assert torch.equal(d_reach.rows[reach], support) and 0 < int(reach.sum()) < reach.numel()
     a, b = d_reach.traj[0], {n: t.clone() for n, t in d_reach.traj[0].items()}
     b["embedding.weight"][~reach] += 1.0  # moves only rows outside every support
     assert float(d_reach._distance(a, b)) == 0.0
-    assert float(d_all._distance(a, b)) > 0.0
-    b["embedding.weight"][rows[0]] += 1.0
+    b["embedding.weight"][torch.nonzero(reach)[0]] += 1.0
     assert float(d_reach._distance(a, b)) > 0.0
+    a, b = d_all.traj[0], {n: t.clone() for n, t in d_all.traj[0].items()}
+    outside = torch.ones(len(table), dtype=torch.bool)
+    outside[support] = False
+    b["embedding.weight"][outside] += 1.0
+    assert float(d_all._distance(a, b)) > 0.0
+
+
+@pytest.mark.parametrize("cfg", [EXPERT_CFG, dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True)],
+                         ids=["expert", "expert-momentum"])
+def test_student_rows_leave_out_only_rows_nothing_touches(monkeypatch, cfg):
+    """The row-restricted student gives the whole-table student's outer loss and gradients."""
+    d, _, real = distiller(cfg)
+    own = ShardDistiller._student_rows
+
+    def every_row(self, state, real_batches):
+        rows, _, support = own(self, state, real_batches)
+        n = int(state["embedding.weight"].shape[0])
+        full = torch.zeros(n, dtype=torch.bool)
+        full[rows] = support
+        return torch.arange(n), torch.arange(n), full
+
+    monkeypatch.setattr(ShardDistiller, "_student_rows", every_row)
+    whole, _, _ = distiller(cfg)
+    assert len(d.rows) < len(whole.rows)
+    v1, g1 = d.outer_gradients(real)
+    v2, g2 = whole.outer_gradients(real)
+    assert v1 == pytest.approx(v2, rel=1e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    assert d.evaluate(real) == pytest.approx(whole.evaluate(real), rel=1e-6)
+    with pytest.raises(ValueError, match="outside the student's embedding rows"):
+        d.outer_step(real.__class__.hard(np.full((2, 2), 0, np.int64), np.zeros((2, 1), np.float32), np.zeros(2, np.float32)))
 
 
 def test_frozen_slots_do_not_change():

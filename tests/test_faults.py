@@ -1,9 +1,10 @@
 """Faults survived, nothing lost (issue 7):
 
 - a scoring actor that dies mid-stage is restarted and its batch re-run: every row scored once;
-- a Train worker that dies mid-stage, then the driver SIGKILLed while the next stage runs:
-  the rerun resumes after the last committed stage and commits the same memory as a run
-  without faults (same seed);
+  actors that keep dying past their capped restarts fail the stage with one line naming it;
+- a Train worker that dies mid-stage, then the driver SIGKILLed between stages and during a
+  stage: each rerun resumes after the last committed stage and the run commits the same memory
+  as a run without faults (same seed);
 - a committed file tampered with is refused on resume, naming the file;
 - a kill between a stage's commit and its results line loses nothing (the line is restored).
 
@@ -97,6 +98,23 @@ def test_scoring_actor_death_is_retried_without_loss_or_duplicates(ray_local, tm
                                rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
+def test_scoring_actors_dying_past_their_retries_fail_the_stage_in_one_line(ray_local, tmp_path, monkeypatch, capsys):
+    """Every scoring actor dies at its first batch: after the capped restarts the run stops with
+    one line naming the stage (no hang), and nothing of the stage is committed."""
+    from diet_ray.cli import main
+
+    monkeypatch.setenv(FAULT_ENV, "influence-always:0")
+    run_dir = tmp_path / "run"
+    overrides = [*[o for o in TINY if not o.startswith("memory.init")], "memory.init=influence", "influence.num_actors=1",
+                 f"run.dir={run_dir}"]
+    code = main(["run", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [l for l in err.splitlines() if l.startswith("diet-ray run: error:")]
+    assert len(lines) == 1 and "stage 0: influence scoring failed on Ray" in lines[0], err[-2000:]
+    assert committed_stages(str(run_dir)) == []
+
+
 # ------------------------------------------------------------------------- full runs
 
 
@@ -109,56 +127,91 @@ def reference_run(ray_local, tmp_path_factory) -> str:
     return str(run_dir)
 
 
-def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
+def _start_driver(run_dir: Path, log_path: Path, fault: str = "") -> subprocess.Popen:
+    """``diet-ray run`` as a separate driver joined to the session's Ray, in its own process
+    group so the test can SIGKILL it (and only it)."""
+    import ray
+
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    cli = str(Path(sys.executable).with_name("diet-ray"))
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen([cli, "run", *TINY, f"run.dir={run_dir}"], env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the driver and nothing else of ours
+    proc.wait(timeout=60)
+
+
+def _log_tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+
+
+def _wait_until(pred, proc: subprocess.Popen, what: str, log_path: Path, timeout: float = 400.0) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None:
-            raise AssertionError(f"diet-ray run exited ({proc.returncode}) before {what}")
+            raise AssertionError(f"diet-ray run exited ({proc.returncode}) before {what}:\n{_log_tail(log_path)}")
         if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
+            _kill(proc)
+            raise AssertionError(f"timed out waiting for {what}:\n{_log_tail(log_path)}")
         time.sleep(0.05)
 
 
-@pytest.mark.skipif(
-    os.environ.get("CI") == "true",
-    reason="its subprocess run timed out (300 s) waiting for stage 0's commit in a loaded full-suite run, and an "
-    "earlier run once saw a stage-1 memory mismatch; excluded from CI until both are pinned down (issue 7 open)",
-)
-def test_worker_death_then_driver_sigkill_resumes_to_the_same_memory(reference_run, ray_local, tmp_path):
-    """Stage 0: the Train worker process dies at outer step 11 (FailureConfig retry from the
-    step-10 checkpoint). Stage 1: the driver gets SIGKILL in its expert pass. The rerun resumes
-    after stage 0, and both committed memories equal the fault-free run's exactly."""
-    run_dir = tmp_path / "run"
-    flag = tmp_path / "worker-died"
-    log_path = tmp_path / "driver.log"
-    env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    env[FAULT_ENV] = f"bilevel-exit:0:11:{flag}"
-    cli = str(Path(sys.executable).with_name("diet-ray"))
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([cli, "run", *TINY, f"run.dir={run_dir}"], env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            _wait_for(lambda: (run_dir / "stages" / "stage=0000" / "_SUCCESS").exists(), proc, "stage 0's commit")
-            # Stage 1 in progress: its expert pass has started writing.
-            _wait_for(lambda: (run_dir / "expert" / "stage=0001").exists(), proc, "stage 1's expert pass")
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-    assert flag.exists(), "the injected Train worker death did not happen"
+def _stage_lines(run_dir: Path) -> list:
+    uri = fs.join(str(run_dir), RESULTS_FILE)
+    return [r["stage"] for r in fs.read_jsonl(uri) if r["kind"] == "stage"] if fs.exists(uri) else []
 
-    # Only complete, verified stages are visible: stage 0; stage 1 was never committed.
+
+def _only_stage_0_visible(run_dir: Path) -> None:
     run_str = str(run_dir)
     assert committed_stages(run_str) == [0]
     assert verify_stage(run_str, 0)["slots"] == len(load_stage_memory(run_str, 0))
-    assert not (run_dir / "stages" / "stage=0001").exists()
-    assert [r["stage"] for r in fs.read_jsonl(fs.join(run_str, RESULTS_FILE)) if r["kind"] == "stage"] == [0]
+    visible = [p.name for p in (run_dir / "stages").iterdir() if not p.name.startswith(".tmp-")]
+    assert visible == ["stage=0000"], visible
+
+
+def test_worker_death_then_driver_sigkills_resume_to_the_same_memory(reference_run, ray_local, tmp_path):
+    """Driver 1: the Train worker process dies at outer step 11 of stage 0 (FailureConfig retry
+    from the step-10 checkpoint), then the driver SIGKILLs itself right after committing stage 0
+    (between stages, before its results line). Driver 2 resumes and is SIGKILLed from outside
+    once stage 1 is under way. The third run resumes after stage 0; both committed memories
+    equal the fault-free run's exactly."""
+    run_dir, log_path = tmp_path / "run", tmp_path / "driver.log"
+    worker_flag, driver_flag = tmp_path / "worker-died", tmp_path / "driver-killed"
+
+    proc = _start_driver(run_dir, log_path, f"bilevel-exit:0:11:{worker_flag};driver-kill:0:{driver_flag}")
+    try:
+        _wait_until(lambda: proc.poll() is not None, proc, "the driver's self-kill after stage 0", log_path)
+    finally:
+        _kill(proc)
+    assert proc.returncode == -signal.SIGKILL, _log_tail(log_path)
+    assert worker_flag.exists(), "the injected Train worker death did not happen"
+    assert driver_flag.exists(), "the injected driver kill did not happen"
+    _only_stage_0_visible(run_dir)
+    assert _stage_lines(run_dir) == []  # killed between the commit and its results line
+
+    proc = _start_driver(run_dir, log_path)
+    try:
+        # Stage 1 under way: its expert pass has started writing (the results line of stage 0
+        # is restored before any stage runs).
+        _wait_until(lambda: (run_dir / "expert" / "stage=0001").exists(), proc, "stage 1's expert pass", log_path)
+    finally:
+        _kill(proc)
+    assert proc.returncode == -signal.SIGKILL, _log_tail(log_path)
+    _only_stage_0_visible(run_dir)
+    assert _stage_lines(run_dir) == [0]
 
     out = run(tiny_cfg(run_dir))
     assert out["resumed"] and out["resumed_after"] == 0 and out["new_stages"] == [1]
     for stage in (0, 1):
-        assert_same_memory(reference_run, run_str, stage)
-    assert [r["stage"] for r in fs.read_jsonl(fs.join(run_str, RESULTS_FILE)) if r["kind"] == "stage"] == [0, 1]
+        assert_same_memory(reference_run, str(run_dir), stage)
+    assert _stage_lines(run_dir) == [0, 1]
 
 
 def _copy_run(reference_run: str, dst: Path) -> str:

@@ -65,9 +65,10 @@ def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int)
 def _time_device(cfg: Config, fmap: FeatureMap, memory: SlotMemory, states, optims, real_rows: EncodedRows, device: str, repeats: int) -> Dict[str, Any]:
     refine = np.arange(len(memory))
     model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=0)
-    d = ShardDistiller(model, states, SlotShard.from_memory(memory, np.arange(len(memory)), refine), cfg.distill,
-                       temperature=cfg.memory.temperature, seed=cfg.seed, stage=0, device=device, optim_states=optims)
     real = real_rows.batch(np.arange(min(cfg.distill.real_batch, len(real_rows)))).to(device)
+    d = ShardDistiller(model, states, SlotShard.from_memory(memory, np.arange(len(memory)), refine), cfg.distill,
+                       temperature=cfg.memory.temperature, seed=cfg.seed, stage=0, device=device, optim_states=optims,
+                       real=[real])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     d.outer_step(real)  # warm-up (allocations, kernels)
     sync()

@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import os
 import resource
-import threading
 import time
 from typing import Any, Dict, List, Optional
 
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diet_ray.bench.sampling import PeriodicSampler
 from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import StageStore
@@ -46,35 +46,25 @@ log = logging.getLogger(__name__)
 KERNEL_MAX_ROWS = 400_000  # in-process timings use at most this many rows (rates are steady well before)
 
 
-class _WorkerRss:
+class _WorkerRss(PeriodicSampler):
     """Peak RSS of one Ray worker process started by this driver's local runtime (``ray::``
     descendants of this process; 0 against a remote cluster), sampled every 100 ms."""
 
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
+    def __init__(self, interval: float = 0.1) -> None:
         import psutil
 
-        me = psutil.Process(os.getpid())
-        while not self._stop.is_set():
-            for p in me.children(recursive=True):
-                try:
-                    if p.name().startswith("ray::"):
-                        self.peak_mb = max(self.peak_mb, p.memory_info().rss / 2**20)
-                except psutil.Error:
-                    continue
-            self._stop.wait(0.1)
+        super().__init__(interval)
+        self.psutil = psutil
+        self.me = psutil.Process(os.getpid())
+        self.peak_mb = 0.0
 
-    def __enter__(self) -> "_WorkerRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+    def tick(self) -> None:
+        for p in self.me.children(recursive=True):
+            try:
+                if p.name().startswith("ray::"):
+                    self.peak_mb = max(self.peak_mb, p.memory_info().rss / 2**20)
+            except self.psutil.Error:
+                continue
 
 
 def _bench_run(cfg: Config, out: str, rows: Optional[int]) -> Config:

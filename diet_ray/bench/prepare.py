@@ -5,10 +5,10 @@ import copy
 import logging
 import os
 import resource
-import threading
 import time
 from typing import Any, Dict, Optional
 
+from diet_ray.bench.sampling import PeriodicSampler
 from diet_ray.config import Config
 from diet_ray.data import fs
 from diet_ray.data.prepare import prepare
@@ -19,31 +19,19 @@ log = logging.getLogger(__name__)
 DEFAULT_ROWS = 10_000_000
 
 
-class _RssSampler:
+class _RssSampler(PeriodicSampler):
     """Peak resident memory of this process while the benchmark runs (psutil, sampled every 50 ms)."""
 
     def __init__(self, interval: float = 0.05):
         import psutil
 
+        super().__init__(interval)
         self.proc = psutil.Process(os.getpid())
-        self.interval = interval
         self.peak = self.proc.memory_info().rss
         self.start_rss = self.peak
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "_RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+    def tick(self) -> None:
+        self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
 def bench_prepare(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:

@@ -21,13 +21,13 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import threading
 import time
 import urllib.parse
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from diet_ray.bench.sampling import PeriodicSampler
 from diet_ray.config import Config
 from diet_ray.data import fs
 from diet_ray.data.synthetic import is_synthetic, parse_source, with_rows
@@ -57,22 +57,21 @@ def _object_store_stats() -> Optional[Dict[str, float]]:
         return None
 
 
-class TreeSampler:
+class TreeSampler(PeriodicSampler):
     """Per-stage peaks of RSS/PSS over the driver's process tree and of object-store use."""
 
     def __init__(self, run_dir: str, interval: float = INTERVAL_S, progress_uri: Optional[str] = None):
         import psutil
 
+        super().__init__(interval)
         self.psutil = psutil
         self.root = psutil.Process(os.getpid())
         self.run_dir = run_dir
-        self.interval = interval
         self.per_stage: Dict[int, Dict[str, float]] = {}
         self.samples = 0
         self.store_seen = False
         self.progress_uri = progress_uri  # per-stage peaks appended as stages finish (a long soak stopped early keeps them)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="soak-sampler", daemon=True)
+        self._current = 0
 
     def _stage_in_progress(self) -> int:
         from diet_ray.memory.commit import committed_stages
@@ -106,28 +105,17 @@ class TreeSampler:
             out.update({"store_used": store["used"], "store_spilled": store["spilled"]})
         return out
 
-    def _loop(self) -> None:
-        current = 0
-        while not self._stop.is_set():
-            stage = self._stage_in_progress()
-            if stage != current and self.progress_uri and current in self.per_stage:
-                fs.append_jsonl(self.progress_uri, [{"stage": current, **{k: round(v / MB, 1) if k != "procs" else v
-                                                                          for k, v in self.per_stage[current].items()}}])
-            current = stage
-            s = self.sample()
-            peaks = self.per_stage.setdefault(stage, {})
-            for k, v in s.items():
-                peaks[k] = max(peaks.get(k, 0.0), v)
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+    def tick(self) -> None:
+        stage = self._stage_in_progress()
+        if stage != self._current and self.progress_uri and self._current in self.per_stage:
+            fs.append_jsonl(self.progress_uri, [{"stage": self._current, **{k: round(v / MB, 1) if k != "procs" else v
+                                                                            for k, v in self.per_stage[self._current].items()}}])
+        self._current = stage
+        s = self.sample()
+        peaks = self.per_stage.setdefault(stage, {})
+        for k, v in s.items():
+            peaks[k] = max(peaks.get(k, 0.0), v)
+        self.samples += 1
 
 
 def rss_growth(series: List[float]) -> Dict[str, Optional[float]]:

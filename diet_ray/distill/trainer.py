@@ -1,8 +1,11 @@
 """One stage's bi-level job on Ray Train: shard the memory, fit a TorchTrainer, gather the shards.
 
 The memory and the expert's checkpoints go to the object store once (``ray.put``); workers
-get refs. Shards are an assignment (``shard_assignment``), not an identity: the next stage may
-use another number of workers. A stage's Ray Train directory (``run_dir/ray_train/stage-NNNN``)
+get refs. Checkpoints and optimiser states travel as numpy arrays, which workers read in place
+from the object store (a torch tensor would be copied whole into every worker, and the
+embedding table grows with the vocabulary); each worker copies only its student's rows.
+Shards are an assignment (``shard_assignment``), not an identity: the next stage may use
+another number of workers. A stage's Ray Train directory (``run_dir/ray_train/stage-NNNN``)
 is removed before its fit: it belongs to an attempt that was never committed, and its
 checkpoints may hold another shard assignment.
 """
@@ -50,6 +53,17 @@ def _storage(run_dir: str):
     return os.path.abspath(root), None
 
 
+def _as_numpy(obj):
+    """``obj`` with every torch tensor replaced by its numpy array (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: _as_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_as_numpy(v) for v in obj)
+    return obj
+
+
 def fit_stage(
     memory: SlotMemory,
     refine_idx: np.ndarray,
@@ -76,9 +90,9 @@ def fit_stage(
 
     t0 = time.perf_counter()
     shard_refs = [ray.put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
-    trajectory_ref = ray.put([ck.state for ck in checkpoints])
+    trajectory_ref = ray.put(_as_numpy([ck.state for ck in checkpoints]))
     # The expert optimiser's state per checkpoint: the bi-level student continues from it.
-    optim_ref = ray.put([ck.optim for ck in checkpoints]) if all(ck.optim is not None for ck in checkpoints) else None
+    optim_ref = ray.put(_as_numpy([ck.optim for ck in checkpoints])) if all(ck.optim is not None for ck in checkpoints) else None
     spec = fmap.input_spec()
     # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
     # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).

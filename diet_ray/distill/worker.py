@@ -29,7 +29,9 @@ from diet_ray.models import Batch, InputSpec, build_model
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "DIET_RAY_FAULT"  # "bilevel[-exit]:STAGE:STEP:FLAGFILE": fail once at that outer step (resume tests)
+# "bilevel[-exit]:STAGE:STEP:FLAGFILE": fail once at that outer step (resume tests); several
+# faults are joined with ";" (the driver's own hook: diet_ray.distill.pipeline).
+FAULT_ENV = "DIET_RAY_FAULT"
 
 
 def shard_file(rank: int) -> str:
@@ -67,15 +69,18 @@ def _maybe_fail(spec: str, stage: int, step: int, rank: int) -> None:
     """Fault injection for resume tests (``spec`` = the driver's $DIET_RAY_FAULT): raise once
     (``bilevel:``) or kill the worker process once (``bilevel-exit:``); a flag file records
     that it happened."""
-    if not spec.startswith(("bilevel:", "bilevel-exit:")) or rank != 0:
+    if rank != 0:
         return
-    mode, s, k, flag = spec.split(":", 3)
-    if int(s) == stage and int(k) == step and not os.path.exists(flag):
-        with open(flag, "w") as f:
-            f.write("failed once\n")
-        if mode == "bilevel-exit":
-            os._exit(1)
-        raise RuntimeError(f"injected fault at stage {stage} outer step {step} ({FAULT_ENV})")
+    for part in spec.split(";"):
+        if not part.startswith(("bilevel:", "bilevel-exit:")):
+            continue
+        mode, s, k, flag = part.split(":", 3)
+        if int(s) == stage and int(k) == step and not os.path.exists(flag):
+            with open(flag, "w") as f:
+                f.write("failed once\n")
+            if mode == "bilevel-exit":
+                os._exit(1)
+            raise RuntimeError(f"injected fault at stage {stage} outer step {step} ({FAULT_ENV})")
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
@@ -96,6 +101,15 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     optim_states = ray.get(config["optim_states"]) if config.get("optim_states") is not None else None
     spec = InputSpec(tuple(config["vocab_sizes"]), int(config["num_numeric"]))
     model = build_model(dict(config["model"]), spec, seed=derive_seed(config["seed"], "bilevel-student"))
+    # The real batches first: their ids are part of the student's embedding rows.
+    t0 = time.perf_counter()
+    per_rank = max(1, cfg.real_batch // world)
+    real = [b.to(device) for b in _real_batches(
+        ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
+        list(config["cat_names"]), list(config["num_names"]), derive_seed(config["seed"], "bilevel-real", stage, rank),
+    )]
+    if not real and cfg.objective == "gradient":
+        raise RuntimeError(f"stage {stage}: no full real batch of {per_rank} rows per worker for gradient matching")
     distiller = ShardDistiller(
         model,
         trajectory,
@@ -108,7 +122,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         world_size=world,
         device=device,
         optim_states=optim_states,
+        real=real,
     )
+    del trajectory, optim_states  # the student keeps only its rows of them
 
     start_loss: Optional[float] = None
     resumed = ray.train.get_checkpoint()
@@ -120,14 +136,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         if rank == 0:
             log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
 
-    t0 = time.perf_counter()
-    per_rank = max(1, cfg.real_batch // world)
-    real = [b.to(device) for b in _real_batches(
-        ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
-        list(config["cat_names"]), list(config["num_names"]), derive_seed(config["seed"], "bilevel-real", stage, rank),
-    )]
-    if not real and cfg.objective == "gradient":
-        raise RuntimeError(f"stage {stage}: no full real batch of {per_rank} rows per worker for gradient matching")
     eval_real = real[0] if real else None
     if start_loss is None:
         start_loss = distiller.evaluate(eval_real)

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 SCORE_COL = "influence"
 BATCH_FORMATS = ("numpy", "pyarrow", "pandas")
-FAULT_ENV = "DIET_RAY_FAULT"  # "influence:BATCH:FLAGFILE": the actor exits at its BATCH-th call, once (tests)
+# Tests' fault hooks (";"-separated parts): "influence:BATCH:FLAGFILE": the actor exits at its
+# BATCH-th call, once; "influence-always:BATCH": every actor, restarted ones too, exits there.
+FAULT_ENV = "DIET_RAY_FAULT"
 # A dead scorer actor is restarted and its in-flight batch re-run (the stage's rows are scored
 # exactly once in the output). Bounded, unlike Ray Data's default of -1: a batch that kills
 # every actor it lands on fails the stage instead of looping forever.
@@ -109,14 +111,18 @@ class ScorerActor:
 
 def _maybe_die(spec: str, call: int) -> None:
     """Fault injection for the retry tests (``spec`` = the driver's $DIET_RAY_FAULT): the actor
-    process exits at its ``BATCH``-th call unless the flag file exists (so only once)."""
-    if not spec.startswith("influence:"):
-        return
-    _, at, flag = spec.split(":", 2)
-    if call == int(at) and not os.path.exists(flag):
-        with open(flag, "w") as f:
-            f.write(f"scorer actor {os.getpid()} exited at batch {call}\n")
-        os._exit(1)
+    process exits at its ``BATCH``-th call unless the flag file exists (so only once), or at
+    that call in every actor (more deaths than the capped restarts allow)."""
+    for part in spec.split(";"):
+        mode, _, rest = part.partition(":")
+        if mode == "influence":
+            at, flag = rest.split(":", 1)
+            if call == int(at) and not os.path.exists(flag):
+                with open(flag, "w") as f:
+                    f.write(f"scorer actor {os.getpid()} exited at batch {call}\n")
+                os._exit(1)
+        elif mode == "influence-always" and call == int(rest):
+            os._exit(1)
 
 
 def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dict[str, float]:
