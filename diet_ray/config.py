@@ -154,7 +154,16 @@ class MemoryConfig:
     replace_frac: float = 0.1
     refine_frac: float = 0.1
     label_tolerance: float = 0.05
-    init: str = "influence"  # influence | random (ablation)
+    # Rows behind new slots: influence_filter = uniform among rows with non-negative influence;
+    # influence = the most influential (DESIGN §5: atypical rows that invert the candidate
+    # ranking, README deviations); random = uniform (ablation).
+    init: str = "influence_filter"
+    # Slot label logits: expert = the stream expert's logit (clipped to +-init_logit), a soft
+    # label carrying what the whole stream taught; row = +-init_logit from the row's 0/1 label.
+    label_init: str = "expert"
+    # label_init=expert: every slot's label is re-set to the current expert's at the start of
+    # each stage and again before the commit (the bi-level's label updates are not kept).
+    label_refresh: bool = True
     addressing: bool = True  # False: refine every slot (ablation)
     growth: bool = True  # False: capacity fixed at C_1 (ablation)
 
@@ -373,7 +382,8 @@ def validate(cfg: Config) -> None:
     one_of("distill.match", cfg.distill.match, ("reachable", "all"))
     if cfg.distill.expert_grad_scale <= 0 or cfg.distill.inner_lr <= 0:
         raise ConfigError("distill.expert_grad_scale and distill.inner_lr must be > 0 (learn_inner_lr works in log space)")
-    one_of("memory.init", cfg.memory.init, ("influence", "random"))
+    one_of("memory.init", cfg.memory.init, ("influence", "influence_filter", "random"))
+    one_of("memory.label_init", cfg.memory.label_init, ("row", "expert"))
     one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, ("adam", "adagrad", "sgd"))
     for key in ("epochs", "batch_size"):
         if getattr(cfg.evaluate.train, key) < 1:

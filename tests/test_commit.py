@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from diet_ray.data import fs
 from diet_ray.errors import RunStateError
@@ -210,3 +211,15 @@ def test_commit_on_s3(s3_run_dir):
     fs.write_bytes_atomic(rd + "/stages/stage=0001/metrics.json", b"{}")
     with pytest.raises(RunStateError, match="checksum mismatch"):
         last_committed_stage(rd)
+
+
+def test_label_mix_counts_soft_labels_by_their_probability():
+    from diet_ray.memory.commit import label_mix
+
+    mem = tiny_memory()
+    mem.label_logit = torch.zeros(len(mem))  # expert labels of p = 0.5: none is a sure positive
+    assert label_mix(mem, 0.5, 0.01)["pos_rate_memory"] == 1.0  # the 0/1 rule counts every one
+    soft = label_mix(mem, 0.5, 0.01, init_logit=4.0)
+    assert soft["pos_rate_memory"] == pytest.approx(0.5) and soft["label_mix_ok"]
+    mem.label_logit = torch.where(torch.arange(len(mem)) % 4 == 0, 4.0, -4.0)  # saturated: 0/1
+    assert label_mix(mem, 0.25, 0.01, init_logit=4.0)["pos_rate_memory"] == pytest.approx(0.25)

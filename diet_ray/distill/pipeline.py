@@ -6,18 +6,29 @@ slots from the selected rows -> bi-level Ray Train job over the addressed slots 
 (validate shards, capacity) -> atomic commit -> a ``{"kind": "stage"}`` line in results.jsonl.
 
 Row selection. New slots (stage 0: the initial C_1; later: grown and replaced slots) are
-initialised from the most influential rows of D_t with the planned label mix; the top rows go
-to grown slots and the next ones to replaced slots. ``memory.init=random`` (ablation) draws
-those rows uniformly at random instead, at every stage (row scoring is then skipped).
+initialised from rows of D_t with the planned label mix, drawn by ``memory.init``:
+``influence_filter`` (default) = uniformly among the rows whose influence on the stage's
+reference is non-negative; ``influence`` (DESIGN §5) = the most influential rows, the top ones
+to grown slots and the next to replaced slots; ``random`` (ablation) = uniformly, at every
+stage (row scoring is then skipped).
+
+Labels. With ``memory.label_init=expert`` (default) a slot's label logit is the stream
+expert's logit (last checkpoint of the stage, clipped to +-init_logit) instead of +-init_logit
+from the row's 0/1 label; with ``label_refresh`` every slot is relabelled by the current
+expert at the start of each stage and again just before the commit, so the bi-level step's
+label updates are not kept. README "deviations" has the measurements behind both choices.
 """
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
 from diet_ray.config import Config, config_hash, derive_seed
 from diet_ray.data import fs
@@ -26,12 +37,16 @@ from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
 from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import RunStateError
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
-from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
+from diet_ray.memory.commit import commit_stage, label_mix, last_committed_stage, validate_shards
 from diet_ray.memory.slots import SlotMemory, load_stage_memory
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
+# The driver's fault hook for the kill-resume tests, a ";"-separated part of $DIET_RAY_FAULT
+# (diet_ray.distill.worker.FAULT_ENV): "driver-kill:STAGE:FLAGFILE" SIGKILLs the driver once,
+# right after stage STAGE is committed and before its results line is written.
+DRIVER_KILL_FAULT = "driver-kill:"
 
 
 def _id_counts(fmap: FeatureMap, rows: EncodedRows) -> List[np.ndarray]:
@@ -64,11 +79,58 @@ def _select_rows(
         es.ref_rows.batch(), store.fmap, cfg.influence, derive_seed(cfg.seed, "influence", stage),
         use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0,
     )
-    top = streaming_topk(scored, want)
+    if cfg.memory.init == "influence_filter":
+        from diet_ray.influence.topk import add_filter_key
+
+        keyed = scored.map_batches(
+            add_filter_key, fn_kwargs={"seed": derive_seed(cfg.seed, "filter-init", stage)}, batch_format="pyarrow",
+            batch_size=None, zero_copy_batch=True, num_cpus=0.25,  # cheap, like the per-block top-k
+        )
+        top = streaming_topk(keyed, want, score_col="pick")
+    else:
+        top = streaming_topk(scored, want)
     selected = EncodedRows.from_table(top, store.fmap)
     scores = top.column("influence").to_numpy().astype(np.float64)
-    order = np.lexsort((selected.row_id, -scores))  # most influential first across both labels
+    rank = top.column("pick").to_numpy() if "pick" in top.column_names else scores
+    order = np.lexsort((selected.row_id, -rank))  # best-ranked first across both labels
     return selected.take(order), scores[order]
+
+
+def expert_label_logits(expert: StreamExpert, es: ExpertStage, batch, bound: float) -> torch.Tensor:
+    """The stream expert's logits (last checkpoint of the stage) on ``batch``, clipped to
+    +-``bound``: soft slot labels that carry what training on the full stream taught, which
+    one 0/1 label per row cannot (README deviations has the measurement)."""
+    model = expert.build_model()
+    model.load_state_dict(es.checkpoints[-1].state)
+    model.eval()
+    with torch.no_grad():
+        out = [model.logits(batch.select(torch.arange(i, min(i + 65536, len(batch))))) for i in range(0, len(batch), 65536)]
+    z = torch.cat(out) if out else torch.zeros(0)
+    return z.float().clamp(-bound, bound)
+
+
+def _select_rows_or_fail(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, plan: AddressPlan,
+                         cfg: Config) -> tuple[EncodedRows, Optional[np.ndarray]]:
+    """``_select_rows``, with a scoring job that failed on Ray (its actors died more often than
+    their capped restarts allow) reported as one line naming the stage."""
+    import ray.exceptions
+
+    try:
+        return _select_rows(store, stage, rows, es, plan, cfg)
+    except Exception as e:
+        cause: Optional[BaseException] = e
+        while cause is not None and not isinstance(cause, ray.exceptions.RayError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        from diet_ray.influence.ray_scoring import ACTOR_MAX_RESTARTS
+
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        raise RunStateError(
+            f"stage {stage}: influence scoring failed on Ray after up to {ACTOR_MAX_RESTARTS} restarts per scoring actor "
+            f"({type(cause).__name__}: {first}). Nothing of stage {stage} was committed: rerun to resume it; "
+            "the Ray worker logs (or --verbose) show why the actors died."
+        ) from e
 
 
 def _new_slots(
@@ -80,6 +142,7 @@ def _new_slots(
     cfg: Config,
     stage: int,
     id_freq: List[np.ndarray],
+    teacher: Optional[Callable[[Any], torch.Tensor]] = None,
 ) -> SlotMemory:
     """Slots for the plan in apply_plan's order: replaced positions first, then grown ones. The
     best rows go to growth (DESIGN §5: grow from the most influential, replace from the next)."""
@@ -87,15 +150,29 @@ def _new_slots(
     order = np.r_[np.arange(plan.grow, plan.grow + n_rep), np.arange(plan.grow)].astype(np.int64)
     first = memory.next_slot_id() if memory is not None else 0
     rng = np.random.default_rng(derive_seed(cfg.seed, "slot-init", stage))
-    return SlotMemory.from_rows(
+    new = SlotMemory.from_rows(
         rows.take(order), fmap, cfg.memory, stage, first, rng,
         influence=None if scores is None else scores[order], id_freq=id_freq,
     )
+    if teacher is not None and len(new):
+        new.label_logit = teacher(new.to_batch(cfg.memory.temperature))
+    return new
 
 
 def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any], cfg: Config, fmap: FeatureMap) -> None:
     commit_stage(run_dir, stage, memory, metrics, config_hash(cfg), fmap=fmap)
+    _maybe_kill_driver(stage)
     fs.append_jsonl(fs.join(run_dir, RESULTS_FILE), [dict(kind="stage", **metrics)])
+
+
+def _maybe_kill_driver(stage: int) -> None:
+    for part in os.environ.get("DIET_RAY_FAULT", "").split(";"):
+        if part.startswith(DRIVER_KILL_FAULT):
+            _, at, flag = part.split(":", 2)
+            if int(at) == stage and not os.path.exists(flag):
+                with open(flag, "w") as f:
+                    f.write(f"driver {os.getpid()} killed after committing stage {stage}\n")
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_stage(
@@ -125,6 +202,14 @@ def run_stage(
     expert_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    teacher = None
+    if cfg.memory.label_init == "expert":
+        def teacher(batch):
+            return expert_label_logits(expert, es, batch, float(cfg.memory.init_logit))
+
+        if cfg.memory.label_refresh and memory is not None and len(memory):
+            memory = memory.detached()
+            memory.label_logit = teacher(memory.to_batch(cfg.memory.temperature))
     slot_infl = None
     if memory is not None and len(memory) and len(es.ref_rows):
         scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
@@ -138,10 +223,10 @@ def run_stage(
         available_pos=n_pos, available_neg=len(rows) - n_pos,
     )
     if plan.n_new:
-        selected, scores = _select_rows(store, t, rows, es, plan, cfg)
+        selected, scores = _select_rows_or_fail(store, t, rows, es, plan, cfg)
         if len(selected) != plan.n_new:
             raise RunStateError(f"stage {t}: selected {len(selected)} rows for {plan.n_new} new slots")
-        new = _new_slots(memory, plan, selected, scores, fmap, cfg, t, id_freq)
+        new = _new_slots(memory, plan, selected, scores, fmap, cfg, t, id_freq, teacher)
         memory = apply_plan(memory, plan, new)
     elif memory is None:
         memory = SlotMemory.empty(fmap, cfg.memory.support_k)
@@ -157,7 +242,14 @@ def run_stage(
 
     t0 = time.perf_counter()
     mix: Dict[str, Any] = {}
-    merged = validate_shards(shards, plan.capacity, fmap, pos_rate, cfg.memory.label_tolerance, report=mix)
+    merged = validate_shards(shards, plan.capacity, fmap, pos_rate, cfg.memory.label_tolerance, report=mix,
+                             init_logit=float(cfg.memory.init_logit))
+    if teacher is not None and cfg.memory.label_refresh and len(merged):
+        # The committed labels are the expert's: the bi-level's label updates fit the expert's
+        # trajectory but cost ranking fidelity (README deviations); supports, numeric values
+        # and weights keep what the bi-level learnt.
+        merged.label_logit = teacher(merged.to_batch(cfg.memory.temperature))
+        mix.update(label_mix(merged, pos_rate, cfg.memory.label_tolerance, float(cfg.memory.init_logit)))
     cap_bound = capacity(rows_seen, cfg.memory)
     if len(merged) > cap_bound:
         raise RunStateError(f"stage {t}: {len(merged)} slots exceed ceil(ratio * rows_seen) = {cap_bound}")

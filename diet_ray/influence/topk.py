@@ -2,6 +2,11 @@
 running merge on the driver that never holds more than (k + one block's top-k) rows. The full
 stage is never sorted or collected on one node.
 
+``memory.init=influence_filter`` ranks rows by ``filter_key`` instead of the score itself: rows
+with non-negative influence first, in a seeded random order (a uniform draw among the helpful
+rows), then the harmful ones, also in random order. The key is a hash of ``_row_id`` and the
+seed, so the draw does not depend on how the stage was split into blocks either.
+
 Order: for each label in ``k_per_label``'s order, score descending; ties by ``_row_id``
 ascending when the column exists (else by position), so the result does not depend on how the
 stage was split into blocks.
@@ -30,6 +35,29 @@ def topk_numpy(scores: np.ndarray, labels: np.ndarray, k_per_label: Dict[int, in
         order = np.lexsort((tb[idx], -scores[idx]))[: int(k)]
         out.append(idx[order])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def uniform_hash(row_id: np.ndarray, seed: int) -> np.ndarray:
+    """A deterministic uniform [0, 1) per row id (splitmix64 of row_id xor seed)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(row_id, dtype=np.uint64) ^ np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def filter_key(scores: np.ndarray, row_id: np.ndarray, seed: int) -> np.ndarray:
+    """Rank key for influence_filter: 1 + u for rows with influence >= 0, u for the rest
+    (u uniform per row), so top-k is a uniform draw among helpful rows, topped up at random."""
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-1.0)
+    return uniform_hash(row_id, seed) + (s >= 0.0)
+
+
+def add_filter_key(table: pa.Table, seed: int, score_col: str = "influence", key_col: str = "pick") -> pa.Table:
+    key = filter_key(table.column(score_col).to_numpy(), table.column(ROW_ID).to_numpy(), seed)
+    return table.append_column(key_col, pa.array(key, type=pa.float64()))
 
 
 def table_topk(table: pa.Table, k_per_label: Dict[int, int], score_col: str = "influence") -> pa.Table:

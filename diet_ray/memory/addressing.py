@@ -13,8 +13,10 @@ Rules (our choices where the paper is silent):
   for the replace rule), so addressing costs no extra backward pass.
 - ``addressing=False`` (ablation): no replacement, every slot refined; growth still follows
   the capacity rule.
-- Label mix: the new slots' positive count is chosen so the memory's positive fraction (slots
-  with sigmoid(label_logit) >= 0.5) lands as close as possible to the stage's positive rate;
+- Label mix: the new slots' positive count (of real rows) is chosen so the memory's positive
+  fraction lands as close as possible to the stage's positive rate; a kept slot counts as 0/1
+  when its label is saturated (row-initialised) and as sigmoid(label_logit) when it is soft
+  (``memory.label_init=expert``), i.e. the expected positive rate;
   the achieved rate and whether it is within ``label_tolerance`` are reported.
 
 Applying a plan (``apply_plan``): the first ``len(replace_idx)`` new slots go, in order, to
@@ -74,6 +76,14 @@ def capacity(rows_seen: int, cfg) -> int:
     return max(c, 0)
 
 
+def expected_positives(memory: SlotMemory, init_logit: float) -> np.ndarray:
+    """Per slot, how much of a positive it counts as in the label mix: 0/1 for a saturated label
+    (|logit| >= init_logit, every row-initialised slot), sigmoid(logit) for a soft one (expert
+    labels), so a memory of soft labels is balanced by its expected positive rate."""
+    z = memory.label_logit.detach().cpu().double().numpy()
+    return np.where(np.abs(z) >= float(init_logit) - 1e-6, (z >= 0).astype(np.float64), 1.0 / (1.0 + np.exp(-z)))
+
+
 def _order(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Indices sorting ``keys`` ascending, ties broken by a seeded random permutation."""
     tie = rng.permutation(len(keys))
@@ -129,7 +139,7 @@ def plan_stage(
     # Label mix over the memory after the plan: kept slots' labels + the new slots'.
     kept_mask = np.ones(s, dtype=bool)
     kept_mask[replace_idx] = False
-    kept_pos = int(memory.positive_mask()[kept_mask].sum()) if s else 0
+    kept_pos = int(round(float(expected_positives(memory, cfg.init_logit)[kept_mask].sum()))) if s else 0
     total = s + grow
     n_pos = int(round(stage_pos_rate * total - kept_pos))
     n_pos = min(max(n_pos, 0), n_new)

@@ -34,9 +34,19 @@ _STAGE_RE = re.compile(r"^stage=(\d+)$")
 # ------------------------------------------------------------------------------- reconcile
 
 
-def label_mix(memory: SlotMemory, target_pos_rate: float, tolerance: float) -> Dict[str, Any]:
-    """The memory's positive fraction (sigmoid(label_logit) >= 0.5) against the target."""
-    rate = float(memory.positive_mask().mean()) if len(memory) else 0.0
+def label_mix(memory: SlotMemory, target_pos_rate: float, tolerance: float,
+              init_logit: Optional[float] = None) -> Dict[str, Any]:
+    """The memory's positive fraction against the target: sigmoid(label_logit) >= 0.5 per slot,
+    or, given ``init_logit``, the expected positives of addressing (soft expert labels count
+    as their probability, saturated ones as 0/1), the rule the label mix was planned with."""
+    if not len(memory):
+        rate = 0.0
+    elif init_logit is None:
+        rate = float(memory.positive_mask().mean())
+    else:
+        from diet_ray.memory.addressing import expected_positives
+
+        rate = float(expected_positives(memory, init_logit).mean())
     return {
         "pos_rate_memory": rate,
         "pos_rate_target": float(target_pos_rate),
@@ -52,6 +62,7 @@ def validate_shards(
     target_pos_rate: float,
     tolerance: float,
     report: Optional[Dict[str, Any]] = None,
+    init_logit: Optional[float] = None,
 ) -> SlotMemory:
     """Merge the workers' shards, sorted by slot id. Duplicate slot ids (across or within
     shards), non-finite values, out-of-range ids and exceeding ``capacity`` raise RunStateError;
@@ -72,7 +83,7 @@ def validate_shards(
     merged.check(fmap, "reconcile")
     if len(merged) > capacity:
         raise RunStateError(f"reconcile: capacity violated: {len(merged)} slots > capacity {capacity}")
-    mix = label_mix(merged, target_pos_rate, tolerance)
+    mix = label_mix(merged, target_pos_rate, tolerance, init_logit)
     if not mix["label_mix_ok"]:
         log.warning(
             "reconcile: label mix %.4f is outside %.4f +- %.4f (stage positive rate); kept as is",

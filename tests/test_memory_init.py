@@ -1,0 +1,101 @@
+"""How new slots are initialised: the influence_filter row draw and expert (soft) labels."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from diet_ray.config import ExpertConfig, MemoryConfig
+from diet_ray.distill.expert import StreamExpert
+from diet_ray.distill.pipeline import expert_label_logits
+from diet_ray.influence.topk import add_filter_key, filter_key, table_topk, uniform_hash
+from diet_ray.memory.addressing import expected_positives, plan_stage
+from diet_ray.memory.slots import SlotMemory
+from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
+from diet_ray.data.stages import EncodedRows
+
+VOCAB = [30, 40, 6]
+
+
+def tiny_fmap() -> FeatureMap:
+    cats = [CategoricalField(f"c{i}", v, [v]) for i, v in enumerate(VOCAB)]
+    return FeatureMap("test", "y == 1", "ts", cats, [NumericField("n0")], [StageInfo(0, 0, 0, 0, 0)])
+
+
+def stage_rows(n: int = 1200) -> EncodedRows:
+    """A learnable stage: the label is a function of c0."""
+    rng = np.random.default_rng(0)
+    cat = np.stack([rng.integers(1, v - 1, n) for v in VOCAB], 1)
+    label = (cat[:, 0] % 3 == 0).astype(np.float32)
+    row_id = np.arange(n, dtype=np.int64)
+    return EncodedRows(cat, rng.normal(size=(n, 1)).astype(np.float32), label, row_id, row_id)
+
+
+def memory_with_labels(pos: int, neg: int) -> SlotMemory:
+    s = pos + neg
+    return SlotMemory(
+        ids=torch.ones((s, 2, 3), dtype=torch.long), logits=torch.zeros((s, 2, 3)), numeric=torch.zeros((s, 1)),
+        label_logit=torch.tensor([4.0] * pos + [-4.0] * neg), weight_param=torch.zeros(s),
+        slot_id=np.arange(s, dtype=np.int64), born_stage=np.zeros(s, np.int32), updated_stage=np.zeros(s, np.int32),
+        last_influence=np.zeros(s), source_row=np.arange(s, dtype=np.int64),
+    )
+
+
+def test_filter_key_draws_uniformly_among_helpful_rows_first():
+    rng = np.random.default_rng(0)
+    n = 4000
+    scores = rng.normal(size=n)
+    rid = np.arange(n, dtype=np.int64) * 7 + 3
+    key = filter_key(scores, rid, seed=11)
+    assert np.array_equal(key, filter_key(scores, rid, seed=11))
+    assert not np.array_equal(key, filter_key(scores, rid, seed=12))
+    # Every helpful row outranks every harmful one; within each group the order is not the score's.
+    assert key[scores >= 0].min() > key[scores < 0].max()
+    top = np.argsort(-key)[:500]
+    assert (scores[top] >= 0).all()
+    helpful = np.flatnonzero(scores >= 0)
+    # A uniform draw among the helpful rows: its mean score is the helpful rows' mean, not the top's.
+    assert abs(scores[top].mean() - scores[helpful].mean()) < 0.1
+    assert scores[top].mean() < np.sort(scores)[-500:].mean() - 0.5
+    u = uniform_hash(rid, 11)
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
+
+
+def test_filter_key_topk_does_not_depend_on_blocks():
+    rng = np.random.default_rng(1)
+    n = 600
+    t = pa.table({"_row_id": np.arange(n, dtype=np.int64), "_label": (rng.random(n) < 0.3).astype(np.float32),
+                  "influence": rng.normal(size=n)})
+    want = {1: 20, 0: 40}
+    whole = table_topk(add_filter_key(t, 5), want, "pick")
+    parts = [table_topk(add_filter_key(t.slice(i, 150), 5), want, "pick") for i in range(0, n, 150)]
+    merged = table_topk(pa.concat_tables(parts), want, "pick")
+    assert whole.column("_row_id").to_pylist() == merged.column("_row_id").to_pylist()
+
+
+def test_soft_labels_count_by_expectation_in_the_label_mix():
+    mem = memory_with_labels(40, 60)
+    assert expected_positives(mem, 4.0).sum() == 40  # saturated labels count as 0/1
+    mem.label_logit = torch.zeros(100)  # all soft at p = 0.5: 50 expected positives
+    assert expected_positives(mem, 4.0).sum() == 50
+    cfg = MemoryConfig(ratio=0.01, replace_frac=0.0, label_tolerance=0.02)
+    plan = plan_stage(mem, np.ones(100), rows_seen=20_000, stage_pos_rate=0.3, cfg=cfg, rng=np.random.default_rng(0))
+    # target 0.3 * 200 = 60 positives; 50 expected among the kept -> 10 of the 100 new
+    assert plan.n_pos_new == 10 and plan.within_tolerance
+
+
+def test_expert_labels_follow_the_expert_and_stay_bounded(tmp_path):
+    fmap = tiny_fmap()
+    cfg = ExpertConfig(model={"model": "dnn", "embed_dim": 4, "hidden": [8]}, lr=0.05, batch_size=64,
+                       checkpoints_per_stage=2, holdout_frac=0.1)
+    expert = StreamExpert(fmap, cfg, seed=3, run_dir=str(tmp_path))
+    rows = stage_rows()
+    es = expert.train_stage(0, rows)
+    mem = SlotMemory.from_rows(rows.slice(0, 200), fmap, MemoryConfig(), 0, 0, np.random.default_rng(0))
+    z = expert_label_logits(expert, es, mem.to_batch(), bound=50.0)
+    assert z.shape == (200,) and torch.isfinite(z).all()
+    assert expert_label_logits(expert, es, mem.to_batch(), bound=0.5).abs().max() <= 0.5
+    # The expert learnt the stage's rule (label = c0 % 3 == 0): its soft labels rank the real ones.
+    lab = rows.slice(0, 200).label
+    assert z[lab == 1].mean() > z[lab == 0].mean() + 0.5
+    assert len(torch.unique(z)) > 10  # soft, not a copy of the 0/1 labels
