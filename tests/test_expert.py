@@ -76,6 +76,9 @@ def test_stages_warm_start_checkpoint_and_reload(tmp_path):
         for k in b.state:
             assert torch.equal(a.state[k], b.state[k])
     assert ex.load_stage(2) is None
+    assert ex.has_stage(0) and ex.has_stage(1) and not ex.has_stage(2)
+    (tmp_path / "expert" / "stage=0001" / "ckpt-02.pt").unlink()  # complete meta, a checkpoint lost
+    assert not ex.has_stage(1)
 
 
 def test_out_of_order_and_changed_model_are_refused(tmp_path):

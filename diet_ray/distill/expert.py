@@ -20,7 +20,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -113,17 +113,20 @@ class StreamExpert:
         model = self.build_model()
         opt = torch.optim.Adam(model.parameters(), lr=self.cfg.lr)
         if stage > 0:
-            prev = self.load_stage(stage - 1)
-            if prev is None:
+            prev_dir = expert_dir(self.run_dir, stage - 1)
+            meta = self._meta(stage - 1)
+            if meta is None:
                 raise RunStateError(
-                    f"{expert_dir(self.run_dir, stage - 1)}: the expert for stage {stage - 1} is missing; "
-                    f"train stages in order (0..{stage})."
+                    f"{prev_dir}: the expert for stage {stage - 1} is missing; train stages in order (0..{stage})."
                 )
-            model.load_state_dict(prev.checkpoints[-1].state)
-            optim_uri = fs.join(expert_dir(self.run_dir, stage - 1), "optim.pt")
+            # Only the last state, the optimiser and the holdout rows carry over.
+            last = int(meta["checkpoints"][-1]["index"])
+            model.load_state_dict(_load_torch(fs.join(prev_dir, f"ckpt-{last:02d}.pt")))
+            optim_uri = fs.join(prev_dir, "optim.pt")
             if fs.exists(optim_uri):
                 opt.load_state_dict(_load_torch(optim_uri))
-            train = EncodedRows.concat([prev.ref_rows, train])
+            prev_ref = EncodedRows.from_table(fs.read_parquet(fs.join(prev_dir, "ref.parquet")), self.fmap)
+            train = EncodedRows.concat([prev_ref, train])
         checkpoints = [ExpertCheckpoint(0, 0.0, self._state(model), self._optim_state(opt))]
         n, bs = len(train), max(1, int(self.cfg.batch_size))
         n_batches = -(-n // bs)
@@ -185,9 +188,10 @@ class StreamExpert:
         }
         fs.write_json_atomic(fs.join(d, "meta.json"), meta)  # last: marks the stage complete
 
-    def load_stage(self, stage: int) -> Optional[ExpertStage]:
-        d = expert_dir(self.run_dir, stage)
-        meta_uri = fs.join(d, "meta.json")
+    def _meta(self, stage: int) -> Optional[Dict[str, Any]]:
+        """The stage's meta.json (written last: its presence means the stage is complete), or
+        None; one saved for another model or checkpoint count is refused."""
+        meta_uri = fs.join(expert_dir(self.run_dir, stage), "meta.json")
         if not fs.exists(meta_uri):
             return None
         meta = fs.read_json(meta_uri)
@@ -196,6 +200,23 @@ class StreamExpert:
                 f"{meta_uri}: saved for model {meta.get('model')} with {len(meta['checkpoints']) - 1} checkpoints, "
                 f"but expert.model={dict(self.cfg.model)}, expert.checkpoints_per_stage={self.K}. Use a new run.dir."
             )
+        return meta
+
+    def has_stage(self, stage: int) -> bool:
+        """Whether the stage's expert is complete on disk, without loading its tensors (a resume
+        at scale would otherwise read every stage's K+1 states and optimiser states)."""
+        meta = self._meta(stage)
+        if meta is None:
+            return False
+        d = expert_dir(self.run_dir, stage)
+        files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
+        return all(fs.exists(fs.join(d, f)) for f in files)
+
+    def load_stage(self, stage: int) -> Optional[ExpertStage]:
+        d = expert_dir(self.run_dir, stage)
+        meta = self._meta(stage)
+        if meta is None:
+            return None
         cks = []
         for c in meta["checkpoints"]:
             i = int(c["index"])

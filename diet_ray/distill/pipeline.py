@@ -347,7 +347,7 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     for t in range(last + 1):  # id frequencies through the resumed stage
         for f, counts in enumerate(_id_counts(fmap, store.read_stage(t))):
             id_freq[f] += counts
-        if expert.load_stage(t) is None:
+        if not expert.has_stage(t):
             raise RunStateError(f"stage {t} is committed but its expert checkpoints are missing under {run_dir}/expert; use a new run.dir")
 
     with logging_redirect_tqdm():
