@@ -181,6 +181,13 @@ def adam_update(theta: Params, grads: Params, m: Params, v: Params, step: float,
     return out_t, out_m, out_v
 
 
+def _positions(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of a sorted row subset: row -> its position in ``rows``, or -1 (length ``n``)."""
+    pos = torch.full((n,), -1, dtype=torch.long, device=rows.device)
+    pos[rows] = torch.arange(len(rows), device=rows.device)
+    return pos
+
+
 @dataclass
 class StepRows:
     """The student rows one unroll can move: ``rows`` (sorted student rows) and ``pos`` (student
@@ -345,9 +352,7 @@ class ShardDistiller:
             masks[1, self.model.global_ids(b.ids.to(self.device)).reshape(-1)] = 1.0
         masks = self.reduce_sum(masks) > 0
         rows = torch.nonzero(masks[0] | masks[1]).squeeze(1)
-        remap = torch.full((n_rows,), -1, dtype=torch.long, device=self.device)
-        remap[rows] = torch.arange(len(rows), device=self.device)
-        return rows, remap, masks[0][rows]
+        return rows, _positions(rows, n_rows), masks[0][rows]
 
     def _local_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """[..., F, K] per-field ids -> rows of the student's table (refuses rows it lacks)."""
@@ -428,9 +433,7 @@ class ShardDistiller:
         if real is not None and len(real) and self.cfg.real_loss_weight != 0:
             mask[self._local_rows(real.ids).reshape(-1)] = 1.0
         rows = torch.nonzero(self.reduce_sum(mask) > 0).squeeze(1)
-        pos = torch.full((len(self.rows),), -1, dtype=torch.long, device=self.device)
-        pos[rows] = torch.arange(len(rows), device=self.device)
-        return StepRows(rows, pos)
+        return StepRows(rows, _positions(rows, len(self.rows)))
 
     @staticmethod
     def _restrict(params: Params, view: Optional[StepRows]) -> Params:

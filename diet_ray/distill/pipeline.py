@@ -37,7 +37,7 @@ from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
 from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import RunStateError
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
-from diet_ray.memory.commit import commit_stage, label_mix, last_committed_stage, validate_shards
+from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
 from diet_ray.memory.slots import SlotMemory, load_stage_memory
 
 log = logging.getLogger(__name__)
@@ -96,17 +96,27 @@ def _select_rows(
     return selected.take(order), scores[order]
 
 
-def expert_label_logits(expert: StreamExpert, es: ExpertStage, batch, bound: float) -> torch.Tensor:
-    """The stream expert's logits (last checkpoint of the stage) on ``batch``, clipped to
+def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Callable[[Any], torch.Tensor]:
+    """batch -> the stream expert's logits (last checkpoint of the stage), clipped to
     +-``bound``: soft slot labels that carry what training on the full stream taught, which
-    one 0/1 label per row cannot (README deviations has the measurement)."""
+    one 0/1 label per row cannot (README deviations has the measurement). The model is built
+    once per stage, however many times the labels are asked for."""
     model = expert.build_model()
     model.load_state_dict(es.checkpoints[-1].state)
     model.eval()
-    with torch.no_grad():
-        out = [model.logits(batch.select(torch.arange(i, min(i + 65536, len(batch))))) for i in range(0, len(batch), 65536)]
-    z = torch.cat(out) if out else torch.zeros(0)
-    return z.float().clamp(-bound, bound)
+
+    def teacher(batch) -> torch.Tensor:
+        with torch.no_grad():
+            out = [model.logits(batch.select(torch.arange(i, min(i + 65536, len(batch))))) for i in range(0, len(batch), 65536)]
+        z = torch.cat(out) if out else torch.zeros(0)
+        return z.float().clamp(-bound, bound)
+
+    return teacher
+
+
+def expert_label_logits(expert: StreamExpert, es: ExpertStage, batch, bound: float) -> torch.Tensor:
+    """``expert_teacher`` applied once."""
+    return expert_teacher(expert, es, bound)(batch)
 
 
 def _select_rows_or_fail(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, plan: AddressPlan,
@@ -204,9 +214,7 @@ def run_stage(
     t0 = time.perf_counter()
     teacher = None
     if cfg.memory.label_init == "expert":
-        def teacher(batch):
-            return expert_label_logits(expert, es, batch, float(cfg.memory.init_logit))
-
+        teacher = expert_teacher(expert, es, float(cfg.memory.init_logit))
         if cfg.memory.label_refresh and memory is not None and len(memory):
             memory = memory.detached()
             memory.label_logit = teacher(memory.to_batch(cfg.memory.temperature))
@@ -241,15 +249,18 @@ def run_stage(
     bilevel_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if teacher is not None and cfg.memory.label_refresh:
+        # The committed labels are the expert's: the bi-level's label updates fit the expert's
+        # trajectory but cost ranking fidelity (README deviations); supports, numeric values
+        # and weights keep what the bi-level learnt. Relabelled before validation, so the
+        # label mix is checked (and warned about) once, on the labels that are committed.
+        shards = [shard.detached() for shard in shards]
+        for shard in shards:
+            if len(shard):
+                shard.label_logit = teacher(shard.to_batch(cfg.memory.temperature))
     mix: Dict[str, Any] = {}
     merged = validate_shards(shards, plan.capacity, fmap, pos_rate, cfg.memory.label_tolerance, report=mix,
                              init_logit=float(cfg.memory.init_logit))
-    if teacher is not None and cfg.memory.label_refresh and len(merged):
-        # The committed labels are the expert's: the bi-level's label updates fit the expert's
-        # trajectory but cost ranking fidelity (README deviations); supports, numeric values
-        # and weights keep what the bi-level learnt.
-        merged.label_logit = teacher(merged.to_batch(cfg.memory.temperature))
-        mix.update(label_mix(merged, pos_rate, cfg.memory.label_tolerance, float(cfg.memory.init_logit)))
     cap_bound = capacity(rows_seen, cfg.memory)
     if len(merged) > cap_bound:
         raise RunStateError(f"stage {t}: {len(merged)} slots exceed ceil(ratio * rows_seen) = {cap_bound}")
