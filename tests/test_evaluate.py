@@ -16,8 +16,9 @@ from diet_ray.evaluate.runner import evaluate
 FAST = ["evaluate.train.epochs=2", "evaluate.train.batch_size=256"]
 
 
-def make_prepared(run_dir, stages=3, rows=1500, seed=0):
-    """A tiny prepared stream (the feature_map.json contract): item popularity decides the label."""
+def make_prepared(run_dir, stages=3, rows=1500, seed=0, no_clicks_in=()):
+    """A tiny prepared stream (the feature_map.json contract): item popularity decides the label;
+    stages in ``no_clicks_in`` hold negatives only (AUC is undefined on them)."""
     rng = np.random.default_rng(seed)
     n_items, n_users = 40, 30
     item_rate = rng.uniform(0.05, 0.95, n_items + 1)
@@ -25,7 +26,7 @@ def make_prepared(run_dir, stages=3, rows=1500, seed=0):
     for t in range(stages):
         item = rng.integers(1, n_items + 1, rows)
         user = rng.integers(1, n_users + 1, rows)
-        label = (rng.random(rows) < item_rate[item]).astype(np.float32)
+        label = (rng.random(rows) < item_rate[item]).astype(np.float32) * (t not in no_clicks_in)
         ts = np.arange(row0, row0 + rows, dtype=np.int64)
         table = pa.table(
             {
@@ -89,6 +90,35 @@ def test_in_process_evaluate_writes_one_line_per_candidate_and_stage(tmp_path, c
     [png] = report(run_dir)
     assert png.endswith("report/evaluate_auc.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_undefined_auc_is_written_as_json_null_and_still_plotted(tmp_path):
+    """A test stage without clicks: AUC is undefined. results.jsonl stays strict JSON (null, not
+    the bare NaN that jq, JavaScript or Spark reject) and the report still draws."""
+    run_dir = str(tmp_path / "run")
+    make_prepared(run_dir, no_clicks_in=(2,))
+    recs = evaluate(cfg_for(run_dir, "evaluate.candidates=[{model: lr, lr: 0.02}]", "evaluate.stages=[0,1]"))
+    assert math.isnan(next(r["auc"] for r in recs if r["stage"] == 1 and r["candidate"] != "popularity"))
+
+    def strict(const):
+        raise AssertionError(f"non-standard JSON constant {const}")
+
+    lines = [json.loads(l, parse_constant=strict) for l in open(tmp_path / "run" / "results.jsonl")]
+    undefined = [r for r in lines if r["stage"] == 1]
+    assert len(undefined) == 2 and all(r["auc"] is None for r in undefined)
+    assert all(0.5 < r["auc"] < 1 for r in lines if r["stage"] == 0)
+    assert fs.num(None) != fs.num(None) and fs.num(0.25) == 0.25
+    [png] = report(run_dir)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_json_writers_turn_non_finite_numbers_into_null(tmp_path):
+    rec = {"a": float("nan"), "b": [float("inf"), np.float32("nan"), np.float64(0.5)], "c": {"d": -float("inf")}, "e": "NaN"}
+    fs.append_jsonl(str(tmp_path / "x.jsonl"), [rec])
+    fs.write_json_atomic(str(tmp_path / "x.json"), rec)
+    want = {"a": None, "b": [None, None, 0.5], "c": {"d": None}, "e": "NaN"}
+    assert fs.read_jsonl(str(tmp_path / "x.jsonl")) == [want]
+    assert fs.read_json(str(tmp_path / "x.json")) == want
 
 
 def test_bad_candidate_key_is_a_config_error_with_suggestion(tmp_path):

@@ -115,6 +115,10 @@ def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
 # ------------------------------------------------------------------------------- end to end
 
 
+def _no_nan(const):
+    raise AssertionError(f"non-standard JSON constant {const}: undefined numbers must be written as null")
+
+
 def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     out = tmp_path / "bench"
     overrides = [
@@ -126,7 +130,7 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     ]
     cfg = load_config(str(configs_dir / "movielens.yaml"), overrides)
     result = bench_fidelity(cfg, str(out))
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=_no_nan)
     assert result["budget_ratio"] == summary["budget_ratio"] == 0.02
     names = {"full", "diet", "random", "reservoir", "recent", "influence_topk", "coreset"}
     assert set(summary["variants"]) == names
@@ -144,7 +148,7 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     cred = summary["credibility"][0]
     assert cred["test_stage"] == 1 and cred["candidates"] == 4
 
-    lines = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    lines = [json.loads(l, parse_constant=_no_nan) for l in (out / "results.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "fidelity_train"]
     # 4 candidates x (full + 2 budgets x 6 variants), one stage, one seed
     assert len(train) == 4 * (1 + 2 * 6)

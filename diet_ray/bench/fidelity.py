@@ -442,7 +442,7 @@ class FidelityBench:
 
         fs.makedirs(self.out)
         lines = [*self.pops, *self.records, *self.fid, *self.costs]
-        fs.write_bytes_atomic(fs.join(self.out, RESULTS), "".join(json.dumps(r, default=str) + "\n" for r in lines).encode())
+        fs.write_bytes_atomic(fs.join(self.out, RESULTS), "".join(fs.to_json(r) + "\n" for r in lines).encode())
         meta = {
             "source": self.cfg.data.source,
             "stages": self.stages,

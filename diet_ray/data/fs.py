@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -145,15 +147,39 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _strict(obj: Any) -> Any:
+    """NaN and inf -> None, recursively: JSON has no NaN, and strict readers (jq, JavaScript,
+    Spark, Go) reject the bare ``NaN`` that Python's json writes by default."""
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, **kw: Any) -> str:
+    """Strict JSON (undefined numbers as null; see ``num`` for reading them back)."""
+    return json.dumps(_strict(obj), allow_nan=False, default=str, **kw)
+
+
+def num(x: Any) -> float:
+    """A JSON number read back: null (an undefined metric, e.g. AUC on a one-class test set) -> NaN."""
+    return float("nan") if x is None else float(x)
+
+
 def write_json_atomic(uri: str, obj: Any) -> None:
-    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+    write_bytes_atomic(uri, (to_json(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def append_jsonl(uri: str, records: List[Dict[str, Any]]) -> None:
     """Append JSON lines. Local: O_APPEND; remote: read-modify-write (single writer: the driver)."""
     if not records:
         return
-    blob = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records).encode()
+    blob = "".join(to_json(r, sort_keys=True) + "\n" for r in records).encode()
     if is_remote(uri):
         old = read_bytes(uri) if exists(uri) else b""
         write_bytes_atomic(uri, old + blob)

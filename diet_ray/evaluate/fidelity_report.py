@@ -122,7 +122,7 @@ def summarize(lines: List[Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, An
             "stage": p["stage"], "test_stage": p["test_stage"], "popularity_auc": p["auc"],
             "best_candidate": best, "best_full_auc": means.get(best) if best else None,
             "worst_full_auc": min(means.values()) if means else None,
-            "candidates_above_popularity": sum(a > p["auc"] for a in means.values()), "candidates": len(means),
+            "candidates_above_popularity": sum(a > fs.num(p["auc"]) for a in means.values()), "candidates": len(means),
         })
     return {**meta, "variants": variants, "by_budget": budgets, "credibility": cred}
 
@@ -138,7 +138,8 @@ def load(bench_dir: str) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
     summary = fs.read_json(spath)
     if "variants" not in summary:
         raise DataError(f"{spath} has no 'variants': not written by `diet-ray bench fidelity`")
-    return summary, fs.read_jsonl(rpath)
+    recs = [{**r, **{k: fs.num(r.get(k)) for k in ("auc", "logloss") if k in r}} for r in fs.read_jsonl(rpath)]
+    return summary, recs
 
 
 def is_fidelity_dir(d: str) -> bool:
@@ -275,7 +276,7 @@ def plot_tau_vs_budget(summary: Dict[str, Any], path: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (v, d) in enumerate(sorted(summary.get("by_budget", {}).items())):
-        pts = sorted((float(b), e["kendall_mean"], e["kendall_std"]) for b, e in d.items() if b != "full")
+        pts = sorted((float(b), fs.num(e["kendall_mean"]), fs.num(e["kendall_std"])) for b, e in d.items() if b != "full")
         if not pts:
             continue
         b, m, s = zip(*pts)

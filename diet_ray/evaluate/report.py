@@ -20,7 +20,7 @@ def evaluate_records(run_dir: str) -> List[Dict[str, Any]]:
     # A rerun appends; the newest line per (stage, candidate, variant) wins.
     latest: Dict[tuple, Dict[str, Any]] = {}
     for r in recs:
-        latest[(r["stage"], r["candidate"], r["variant"])] = r
+        latest[(r["stage"], r["candidate"], r["variant"])] = {**r, "auc": fs.num(r.get("auc")), "logloss": fs.num(r.get("logloss"))}
     return list(latest.values())
 
 

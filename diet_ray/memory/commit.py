@@ -115,7 +115,7 @@ def _sha256(blob: bytes) -> str:
 
 
 def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    return (fs.to_json(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _load_fmap(run_dir: str) -> FeatureMap:
