@@ -170,3 +170,22 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     # A rerun resumes the DIET run and reuses every cached candidate result.
     again = bench_fidelity(cfg, str(out))
     assert again["variants"] == result["variants"]
+
+
+def test_reseed_agreement_is_the_full_data_ranking_against_itself_under_other_seeds():
+    from diet_ray.evaluate.fidelity_report import markdown, summarize
+
+    aucs = {0: [0.60, 0.62, 0.64, 0.66], 1: [0.60, 0.62, 0.66, 0.64], 2: [0.66, 0.64, 0.62, 0.60]}
+    lines = [{"kind": "fidelity_train", "variant": "full", "budget": None, "seed_index": k, "stage": 3, "candidate": f"c{i}", "auc": a}
+             for k, row in aucs.items() for i, a in enumerate(row)]
+    s = summarize(lines, {"budget_ratio": 0.01, "stages": [3]})
+    rs = s["reseed"]
+    # pairs (0,1): one swapped pair of 6 -> tau 4/6; (0,2), (1,2): reversed / nearly reversed
+    assert rs["pairs"] == 3
+    assert rs["kendall_mean"] == pytest.approx((4 / 6 - 1 - 4 / 6) / 3)
+    # regret, averaged both ways: (0,1) 0.02 each way; (0,2) 0.06 each way; (1,2) 0.06 (picks c0
+    # for seed 1) and 0.04 (picks c2 for seed 2)
+    assert rs["regret_mean"] == pytest.approx((0.02 + 0.06 + 0.05) / 3)
+    assert "Noise ceiling" in markdown({**s, "variants": {}, "source": "x"})
+    one = summarize([r for r in lines if r["seed_index"] == 0], {"budget_ratio": 0.01})
+    assert one["reseed"] is None

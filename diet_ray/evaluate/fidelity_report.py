@@ -124,7 +124,32 @@ def summarize(lines: List[Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, An
             "worst_full_auc": min(means.values()) if means else None,
             "candidates_above_popularity": sum(a > fs.num(p["auc"]) for a in means.values()), "candidates": len(means),
         })
-    return {**meta, "variants": variants, "by_budget": budgets, "credibility": cred}
+    return {**meta, "variants": variants, "by_budget": budgets, "credibility": cred, "reseed": reseed_agreement(train)}
+
+
+def reseed_agreement(full_train: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """How well full-data training reproduces its own ranking when only the candidate seeds
+    change: τ, ρ and regret between the full-data rankings of every pair of repetitions at the
+    same stage. No extra training (each repetition already trains the zoo on full history with
+    its own seeds). A variant's τ against one full-data ranking cannot be expected to exceed it
+    reliably; None with fewer than 2 repetitions."""
+    by: Dict[tuple, Dict[str, float]] = {}
+    for r in full_train:
+        by.setdefault((r["stage"], r["seed_index"]), {})[r["candidate"]] = fs.num(r["auc"])
+    pairs = []
+    for (t, k), a in sorted(by.items()):
+        for (t2, k2), b in sorted(by.items()):
+            if t2 == t and k2 > k:
+                names = [n for n in a if n in b]
+                x, y = [a[n] for n in names], [b[n] for n in names]
+                pairs.append({"kendall": M.kendall_tau(x, y), "spearman": M.spearman_rho(x, y),
+                              "regret": (M.top1_regret(x, y) + M.top1_regret(y, x)) / 2})
+    if not pairs:
+        return None
+    out: Dict[str, Any] = {"pairs": len(pairs)}
+    for k in ("kendall", "spearman", "regret"):
+        out[f"{k}_mean"], out[f"{k}_std"] = _mean([p[k] for p in pairs]), _std([p[k] for p in pairs])
+    return out
 
 
 # ------------------------------------------------------------------------------------ I/O
@@ -201,6 +226,11 @@ def markdown(summary: Dict[str, Any]) -> str:
         for c in cred:
             lines.append(f"| {c['test_stage']} | {_f(c['popularity_auc'], 4)} | {c['best_candidate']} | {_f(c['best_full_auc'], 4)} | "
                          f"{_f(c['worst_full_auc'], 4)} | {c['candidates_above_popularity']}/{c['candidates']} |")
+    rs = summary.get("reseed")
+    if rs:
+        lines += ["", f"Noise ceiling: full-data training reproduces its own ranking, when only the candidate seeds change, "
+                      f"to Kendall τ {_f(rs['kendall_mean'])} ± {_f(rs['kendall_std'])} (Spearman ρ {_f(rs['spearman_mean'])}, "
+                      f"top-1 regret {_f(rs['regret_mean'], 4)}; {rs['pairs']} pair(s) of repetitions)."]
     p = summary.get("protocol")
     if p:
         lines += ["", f"Protocol: {p.get('rule')}; optimiser {p.get('optimizer')}, lr {p.get('lr')} (candidate overrides apply), "
