@@ -307,6 +307,7 @@ class ShardDistiller:
         self.match = self._matched_weights(support)
         self._baselines: Dict[int, Params] = {}
         self._baseline_dist: Dict[int, torch.Tensor] = {}  # segment -> matched ||θ_b - θ_{c+1}||² per embedding row
+        self._baseline_norm: Dict[int, torch.Tensor] = {}  # segment -> matched ||θ_b - θ_{c+1}||² (all parameters)
         params = list(self.leaves)
         self.log_lr: Optional[torch.Tensor] = None
         if cfg.learn_inner_lr:
@@ -507,6 +508,13 @@ class ShardDistiller:
             self._baselines[c] = {n: t.detach() for n, t in self.unroll(c, None, ("baseline", c), 0).items()}
         return self._baselines[c]
 
+    def baseline_distance(self, c: int) -> torch.Tensor:
+        """||θ_b - θ_{c+1}||² over matched parameters, the trajectory loss's normaliser: fixed per
+        segment (the baseline is detached), so computed once instead of at every outer step."""
+        if c not in self._baseline_norm:
+            self._baseline_norm[c] = self._distance(self.baseline(c), self.traj[c + 1])
+        return self._baseline_norm[c]
+
     def _view_distance(self, c: int, theta_n: Params, view: StepRows) -> torch.Tensor:
         """Σ over matched parameters of ||θ_N - θ_{c+1}||², θ_N's table holding only ``view``'s
         rows: every other row is where the baseline ends, so its share is the baseline's."""
@@ -541,7 +549,7 @@ class ShardDistiller:
         vals = []
         for c in range(len(self.traj) - 1):
             den = self._distance(self.traj[c], self.traj[c + 1]).clamp_min(1e-12)
-            vals.append(float(self._distance(self.baseline(c), self.traj[c + 1]) / den))
+            vals.append(float(self.baseline_distance(c) / den))
         return float(np.mean(vals))
 
     def _real_loss(self, theta: Params, real: Optional[Batch], view: Optional[StepRows] = None) -> Optional[torch.Tensor]:
@@ -556,7 +564,7 @@ class ShardDistiller:
         theta_n = self.unroll(c, tensors, key, graph_steps, view)
         target = self.traj[c + 1]
         dist = self._distance(theta_n, target) if view is None else self._view_distance(c, theta_n, view)
-        shared = dist / self._distance(self.baseline(c), target).clamp_min(1e-12)
+        shared = dist / self.baseline_distance(c).clamp_min(1e-12)
         real_loss = self._real_loss(theta_n, real, view)
         # Each rank's real term is one of W equal shards: the global real loss is their mean.
         local = real_loss * (self.cfg.real_loss_weight / self.world) if real_loss is not None else None
