@@ -35,6 +35,7 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
 from diet_ray.distill.expert import ExpertStage, StreamExpert
+from diet_ray.distill.worker import FAULT_ENV
 from diet_ray.errors import RunStateError
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
 from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
 # The driver's fault hook for the kill-resume tests, a ";"-separated part of $DIET_RAY_FAULT
-# (diet_ray.distill.worker.FAULT_ENV): "driver-kill:STAGE:FLAGFILE" SIGKILLs the driver once,
+# (FAULT_ENV): "driver-kill:STAGE:FLAGFILE" SIGKILLs the driver once,
 # right after stage STAGE is committed and before its results line is written.
 DRIVER_KILL_FAULT = "driver-kill:"
 
@@ -114,11 +115,6 @@ def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Calla
     return teacher
 
 
-def expert_label_logits(expert: StreamExpert, es: ExpertStage, batch, bound: float) -> torch.Tensor:
-    """``expert_teacher`` applied once."""
-    return expert_teacher(expert, es, bound)(batch)
-
-
 def _select_rows_or_fail(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, plan: AddressPlan,
                          cfg: Config) -> tuple[EncodedRows, Optional[np.ndarray]]:
     """``_select_rows``, with a scoring job that failed on Ray (its actors died more often than
@@ -176,7 +172,7 @@ def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any
 
 
 def _maybe_kill_driver(stage: int) -> None:
-    for part in os.environ.get("DIET_RAY_FAULT", "").split(";"):
+    for part in os.environ.get(FAULT_ENV, "").split(";"):
         if part.startswith(DRIVER_KILL_FAULT):
             _, at, flag = part.split(":", 2)
             if int(at) == stage and not os.path.exists(flag):
