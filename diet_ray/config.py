@@ -182,6 +182,9 @@ class DistillConfig:
     inner_lr: float = 0.05  # the SGD student's learning rate (inner_optimizer=sgd, or no expert optimiser state)
     # Learn the inner lr (SGD) / the expert-lr multiplier (expert) in log space with the slots.
     learn_inner_lr: bool = True
+    # Slot label logits are outer variables. False: labels stay as initialised (the outer
+    # gradient on them is zeroed, so Adam never moves them); memory.label_init=row sets it.
+    learn_labels: bool = True
     memory_batch: int = 256
     real_batch: int = 1024
     real_loss_weight: float = 0.1  # lambda

@@ -236,6 +236,16 @@ def test_frozen_slots_do_not_change():
     assert moved > 0
 
 
+def test_learn_labels_false_keeps_labels_and_still_moves_supports():
+    learn = np.arange(24)
+    d, mem, real = distiller(dataclasses.replace(EXPERT_CFG, learn_labels=False), learn=learn)
+    for _ in range(5):
+        d.outer_step(real)
+    new = d.update().apply_to(mem)
+    assert torch.equal(new.label_logit, mem.label_logit)
+    assert (new.logits - mem.logits).abs().sum() > 0 and (new.weight_param - mem.weight_param).abs().sum() > 0
+
+
 @pytest.mark.parametrize("base", [CFG, EXPERT_CFG], ids=["sgd", "expert"])
 def test_truncation_only_last_unroll_steps_carry_gradient(base):
     """A slot drawn in an early inner step but not in the last one gets gradient only when the
