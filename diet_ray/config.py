@@ -145,6 +145,21 @@ class InfluenceConfig:
 
 
 @dataclass
+class LargeMemoryConfig:
+    """The recipe of a stage whose capacity C_t is at least ``from_slots`` (None: never): these
+    settings replace the memory/distill ones (a None field leaves its setting alone). The
+    expert's labels and the influence filter lift ranking fidelity on ~1k-slot memories and
+    cost it on 40k-slot ones, where 0/1 labels are plentiful and influence-ranked rows, replaced
+    slots and learnt weights skew the memory (diet_ray/memory/recipe.py, README deviations)."""
+
+    from_slots: Optional[int] = 10_000
+    init: Optional[str] = "random"  # memory.init
+    label_init: Optional[str] = "row"  # memory.label_init (row labels are not learnt: distill.learn_labels)
+    replace_frac: Optional[float] = 0.0  # memory.replace_frac
+    learn_weights: Optional[bool] = False  # distill.learn_weights
+
+
+@dataclass
 class MemoryConfig:
     ratio: float = 0.01
     max_slots: Optional[int] = None
@@ -166,6 +181,7 @@ class MemoryConfig:
     label_refresh: bool = True
     addressing: bool = True  # False: refine every slot (ablation)
     growth: bool = True  # False: capacity fixed at C_1 (ablation)
+    large: LargeMemoryConfig = field(default_factory=LargeMemoryConfig)
 
 
 @dataclass
@@ -182,9 +198,12 @@ class DistillConfig:
     inner_lr: float = 0.05  # the SGD student's learning rate (inner_optimizer=sgd, or no expert optimiser state)
     # Learn the inner lr (SGD) / the expert-lr multiplier (expert) in log space with the slots.
     learn_inner_lr: bool = True
-    # Slot label logits are outer variables. False: labels stay as initialised (the outer
-    # gradient on them is zeroed, so Adam never moves them); memory.label_init=row sets it.
-    learn_labels: bool = True
+    # Slot label logits as outer variables. False: labels stay as initialised (their outer
+    # gradient is zeroed, so Adam never moves them). None: learnt on stages with expert labels
+    # (label_refresh re-sets them before the commit anyway), frozen on stages with row labels.
+    learn_labels: Optional[bool] = None
+    # Slot weights as outer variables. False: every slot keeps weight 1 (unit weights).
+    learn_weights: bool = True
     memory_batch: int = 256
     real_batch: int = 1024
     real_loss_weight: float = 0.1  # lambda
@@ -387,6 +406,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError("distill.expert_grad_scale and distill.inner_lr must be > 0 (learn_inner_lr works in log space)")
     one_of("memory.init", cfg.memory.init, ("influence", "influence_filter", "random"))
     one_of("memory.label_init", cfg.memory.label_init, ("row", "expert"))
+    large = cfg.memory.large
+    if large.from_slots is not None and large.from_slots < 0:
+        raise ConfigError(f"memory.large.from_slots={large.from_slots} must be >= 0 slots, or null for never")
+    if large.init is not None:
+        one_of("memory.large.init", large.init, ("influence", "influence_filter", "random"))
+    if large.label_init is not None:
+        one_of("memory.large.label_init", large.label_init, ("row", "expert"))
+    if large.replace_frac is not None:
+        in_range("memory.large.replace_frac", large.replace_frac, 0.0, 1.0)
     one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, ("adam", "adagrad", "sgd"))
     for key in ("epochs", "batch_size"):
         if getattr(cfg.evaluate.train, key) < 1:

@@ -14,7 +14,7 @@ from diet_ray.data import fs
 from diet_ray.distill.pipeline import RESULTS_FILE, run
 from diet_ray.errors import RunStateError
 from diet_ray.memory.commit import last_committed_stage
-from diet_ray.memory.slots import load_stage_memory
+from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, load_stage_memory
 
 SMALL = [
     "ray.num_workers=2",
@@ -53,11 +53,28 @@ def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_
                 break
             g.write(line)
     shutil.copy(movielens / "movies.csv", src / "movies.csv")
-    overrides = [f"data.source={src / 'ratings.csv'}", f"run.dir={tmp_path / 'run'}", "data.stages.count=2", *SMALL]
+    # memory.large from 60 slots: C_1 ~ 40 (small recipe), C_2 ~ 80 (large recipe).
+    overrides = [f"data.source={src / 'ratings.csv'}", f"run.dir={tmp_path / 'run'}", "data.stages.count=2",
+                 "memory.large.from_slots=60", *SMALL]
     cfg = load_config(str(configs_dir / "movielens.yaml"), overrides)
     out = run(cfg)
     assert out["new_stages"] == [0, 1] and not out["resumed"]
     _check_run(cfg.run.dir, 2, cfg.memory.ratio)
+    first, second = out["per_stage"]
+    assert first["capacity"] < 60 <= second["capacity"]
+    assert (first["recipe"], second["recipe"]) == ("small", "large") and second["replaced"] == 0
+    m0, m1 = load_stage_memory(cfg.run.dir, 0), load_stage_memory(cfg.run.dir, 1)
+    big_l = float(cfg.memory.init_logit)
+    assert np.any(np.abs(m0.label_logit.numpy()) < big_l - 1e-3)  # the expert's soft labels
+    born1 = m1.born_stage == 1
+    assert born1.any() and np.all(np.abs(m1.label_logit.numpy()[born1]) == big_l)  # 0/1, not moved by the bi-level
+    assert np.all(m1.weight_param.numpy()[born1] == np.float32(UNIT_WEIGHT_PARAM))  # unit weights, not learnt
+    kept = np.isin(m1.slot_id, m0.slot_id)
+    assert kept.sum() == len(m0)  # nothing replaced
+    at0 = {int(s): (float(z), float(w)) for s, z, w in zip(m0.slot_id, m0.label_logit.numpy(), m0.weight_param.numpy())}
+    assert all(at0[int(s)] == (float(z), float(w))
+               for s, z, w in zip(m1.slot_id[kept], m1.label_logit.numpy()[kept], m1.weight_param.numpy()[kept]))
+    assert np.any(np.abs(m1.logits.numpy()[born1] - m1.logits.numpy()[born1].round()) > 1e-4)  # supports refined
     refined_later = [m["refined"] for m in out["per_stage"][1:]]
     assert all(0 < r < m["slots"] for r, m in zip(refined_later, out["per_stage"][1:]))  # selective update
     assert all(m["grown"] > 0 and m["bilevel"]["workers"] == 2 for m in out["per_stage"][1:])

@@ -104,7 +104,7 @@ log = logging.getLogger(__name__)
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Params = Dict[str, torch.Tensor]
 EMBEDDING = "embedding.weight"  # CTRModel's one shared table
-LABEL_LEAF = 2  # position of label_logit in the leaves [logits, numeric, label_logit, weight_param]
+LABEL_LEAF, WEIGHT_LEAF = 2, 3  # positions in the leaves [logits, numeric, label_logit, weight_param]
 
 
 def _tensor(x, rows: Optional[np.ndarray] = None) -> torch.Tensor:
@@ -618,8 +618,12 @@ class ShardDistiller:
             grads = [g.detach() for g in torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)]
         else:
             grads = [torch.zeros_like(p) for p in params]
-        if not self.cfg.learn_labels:
-            grads[LABEL_LEAF] = torch.zeros_like(grads[LABEL_LEAF])  # zero gradient: Adam leaves it
+        # A frozen variable gets a zero gradient, so Adam never moves it. learn_labels None =
+        # learnt (the pipeline resolves it per stage).
+        if self.cfg.learn_labels is False:
+            grads[LABEL_LEAF] = torch.zeros_like(grads[LABEL_LEAF])
+        if not self.cfg.learn_weights:
+            grads[WEIGHT_LEAF] = torch.zeros_like(grads[WEIGHT_LEAF])
         if self.log_lr is not None:
             # Shared across ranks: each rank only has its copy's partial derivative.
             grads[-1] = self.reduce_sum(grads[-1].reshape(1)).reshape(()).detach()

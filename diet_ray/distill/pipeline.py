@@ -17,6 +17,10 @@ expert's logit (last checkpoint of the stage, clipped to +-init_logit) instead o
 from the row's 0/1 label; with ``label_refresh`` every slot is relabelled by the current
 expert at the start of each stage and again just before the commit, so the bi-level step's
 label updates are not kept. README "deviations" has the measurements behind both choices.
+
+Recipe. A stage whose capacity reaches ``memory.large.from_slots`` runs with the large-memory
+settings instead (uniform rows, 0/1 labels, no replacement, unit weights:
+``diet_ray/memory/recipe.py`` has why); its results line names the recipe.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from diet_ray.distill.worker import FAULT_ENV
 from diet_ray.errors import RunStateError
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
 from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
+from diet_ray.memory.recipe import stage_recipe
 from diet_ray.memory.slots import SlotMemory, load_stage_memory
 
 log = logging.getLogger(__name__)
@@ -201,6 +206,8 @@ def run_stage(
     for f, counts in enumerate(_id_counts(fmap, rows)):
         id_freq[f] += counts
     rows_seen = int(sum(s.rows for s in fmap.stages[: t + 1]))
+    run_cfg = cfg  # the run's config: its hash goes into the commit
+    cfg, recipe = stage_recipe(run_cfg, capacity(rows_seen, run_cfg.memory))
     pos_rate = float(rows.label.mean()) if len(rows) else 0.0
 
     t0 = time.perf_counter()
@@ -265,6 +272,7 @@ def run_stage(
         "rows": len(rows),
         "rows_seen": rows_seen,
         "capacity": plan.capacity,
+        "recipe": recipe,
         "slots": len(merged),
         "grown": plan.grow,
         "replaced": int(len(plan.replace_idx)),
@@ -286,7 +294,7 @@ def run_stage(
     # metrics.json records validation time (it is written by the commit); the returned metrics
     # and the console line include the commit itself.
     metrics["reconcile_s"] = time.perf_counter() - t0
-    _commit(run_dir, t, merged, metrics, cfg, fmap)
+    _commit(run_dir, t, merged, metrics, run_cfg, fmap)
     metrics["reconcile_s"] = time.perf_counter() - t0
     metrics["stage_s"] = time.perf_counter() - t_stage
     return merged, metrics
@@ -298,7 +306,8 @@ def _stage_line(m: Dict[str, Any]) -> str:
     return (
         f"stage {m['stage']}: {m['rows']} rows | expert {m['expert_s']:.1f}s influence {m['influence_s']:.1f}s "
         f"bi-level {m['bilevel_s']:.1f}s reconcile {m['reconcile_s']:.1f}s | outer loss {loss} | "
-        f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined)"
+        f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined; "
+        f"{m.get('recipe', 'small')} recipe)"
     )
 
 
