@@ -152,7 +152,7 @@ class LargeMemoryConfig:
     cost it on 40k-slot ones, where 0/1 labels are plentiful and influence-ranked rows, replaced
     slots and learnt weights skew the memory (diet_ray/memory/recipe.py, README deviations)."""
 
-    from_slots: Optional[int] = 10_000
+    from_slots: Optional[int] = 1_000
     init: Optional[str] = "random"  # memory.init
     label_init: Optional[str] = "row"  # memory.label_init (row labels are not learnt: distill.learn_labels)
     replace_frac: Optional[float] = 0.0  # memory.replace_frac
@@ -202,7 +202,7 @@ class DistillConfig:
     # gradient is zeroed, so Adam never moves them). None: learnt on stages with expert labels
     # (label_refresh re-sets them before the commit anyway), frozen on stages with row labels.
     learn_labels: Optional[bool] = None
-    # Slot weights as outer variables. False: every slot keeps weight 1 (unit weights).
+    # Slot weights as outer variables. False: unit weights (re-set at the stage start, not learnt).
     learn_weights: bool = True
     memory_batch: int = 256
     real_batch: int = 1024

@@ -44,7 +44,7 @@ from diet_ray.errors import RunStateError
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
 from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
 from diet_ray.memory.recipe import stage_recipe
-from diet_ray.memory.slots import SlotMemory, load_stage_memory
+from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory, load_stage_memory
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,10 @@ def run_stage(
         if cfg.memory.label_refresh and memory is not None and len(memory):
             memory = memory.detached()
             memory.label_logit = teacher(memory.to_batch(cfg.memory.temperature))
+    if not cfg.distill.learn_weights and memory is not None and len(memory):
+        # Unit weights throughout: slots weighted by earlier (small-recipe) stages are reset.
+        memory = memory.detached()
+        memory.weight_param = torch.full_like(memory.weight_param, UNIT_WEIGHT_PARAM)
     slot_infl = None
     if memory is not None and len(memory) and len(es.ref_rows):
         scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
