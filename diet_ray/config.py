@@ -144,6 +144,10 @@ class InfluenceConfig:
 # --------------------------------------------------------------------------------- memory
 
 
+MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init and memory.large.init
+LABEL_INITS = ("row", "expert")  # memory.label_init and memory.large.label_init
+
+
 @dataclass
 class LargeMemoryConfig:
     """The recipe of a stage whose capacity C_t is at least ``from_slots`` (None: never): these
@@ -404,15 +408,15 @@ def validate(cfg: Config) -> None:
     one_of("distill.match", cfg.distill.match, ("reachable", "all"))
     if cfg.distill.expert_grad_scale <= 0 or cfg.distill.inner_lr <= 0:
         raise ConfigError("distill.expert_grad_scale and distill.inner_lr must be > 0 (learn_inner_lr works in log space)")
-    one_of("memory.init", cfg.memory.init, ("influence", "influence_filter", "random"))
-    one_of("memory.label_init", cfg.memory.label_init, ("row", "expert"))
+    one_of("memory.init", cfg.memory.init, MEMORY_INITS)
+    one_of("memory.label_init", cfg.memory.label_init, LABEL_INITS)
     large = cfg.memory.large
     if large.from_slots is not None and large.from_slots < 0:
         raise ConfigError(f"memory.large.from_slots={large.from_slots} must be >= 0 slots, or null for never")
     if large.init is not None:
-        one_of("memory.large.init", large.init, ("influence", "influence_filter", "random"))
+        one_of("memory.large.init", large.init, MEMORY_INITS)
     if large.label_init is not None:
-        one_of("memory.large.label_init", large.label_init, ("row", "expert"))
+        one_of("memory.large.label_init", large.label_init, LABEL_INITS)
     if large.replace_frac is not None:
         in_range("memory.large.replace_frac", large.replace_frac, 0.0, 1.0)
     one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, ("adam", "adagrad", "sgd"))

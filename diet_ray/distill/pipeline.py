@@ -207,7 +207,8 @@ def run_stage(
         id_freq[f] += counts
     rows_seen = int(sum(s.rows for s in fmap.stages[: t + 1]))
     run_cfg = cfg  # the run's config: its hash goes into the commit
-    cfg, recipe = stage_recipe(run_cfg, capacity(rows_seen, run_cfg.memory))
+    cap_bound = capacity(rows_seen, run_cfg.memory)  # no recipe changes ratio or max_slots
+    cfg, recipe = stage_recipe(run_cfg, cap_bound)
     pos_rate = float(rows.label.mean()) if len(rows) else 0.0
 
     t0 = time.perf_counter()
@@ -268,7 +269,6 @@ def run_stage(
     mix: Dict[str, Any] = {}
     merged = validate_shards(shards, plan.capacity, fmap, pos_rate, cfg.memory.label_tolerance, report=mix,
                              init_logit=float(cfg.memory.init_logit))
-    cap_bound = capacity(rows_seen, cfg.memory)
     if len(merged) > cap_bound:
         raise RunStateError(f"stage {t}: {len(merged)} slots exceed ceil(ratio * rows_seen) = {cap_bound}")
     metrics: Dict[str, Any] = {
