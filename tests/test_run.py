@@ -11,6 +11,7 @@ import pytest
 
 from diet_ray.config import load_config
 from diet_ray.data import fs
+from diet_ray.data.stages import StageStore
 from diet_ray.distill.pipeline import RESULTS_FILE, run
 from diet_ray.errors import RunStateError
 from diet_ray.memory.commit import last_committed_stage
@@ -72,8 +73,12 @@ def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_
     assert np.all(m1.weight_param.numpy() == np.float32(UNIT_WEIGHT_PARAM))  # unit weights again, not learnt
     kept = np.isin(m1.slot_id, m0.slot_id)
     assert kept.sum() == len(m0)  # nothing replaced
-    at0 = {int(s): float(z) for s, z in zip(m0.slot_id, m0.label_logit.numpy())}
-    assert all(at0[int(s)] == float(z) for s, z in zip(m1.slot_id[kept], m1.label_logit.numpy()[kept]))
+    # The hand-over: kept slots carry their source rows' 0/1 labels again, frozen from then on.
+    rows0 = StageStore(cfg.run.dir).read_stage(0)
+    row_label = dict(zip(rows0.row_id.tolist(), rows0.label.tolist()))
+    want = np.array([big_l if row_label[int(r)] >= 0.5 else -big_l for r in m1.source_row[kept]], np.float32)
+    assert np.array_equal(m1.label_logit.numpy()[kept], want) and second["relabelled"] == len(m0)
+    assert len(set(want.tolist())) == 2 and first["relabelled"] == 0
     assert np.any(np.abs(m1.logits.numpy()[born1] - m1.logits.numpy()[born1].round()) > 1e-4)  # supports refined
     refined_later = [m["refined"] for m in out["per_stage"][1:]]
     assert all(0 < r < m["slots"] for r, m in zip(refined_later, out["per_stage"][1:]))  # selective update

@@ -20,7 +20,9 @@ label updates are not kept. README "deviations" has the measurements behind both
 
 Recipe. A stage whose capacity reaches ``memory.large.from_slots`` runs with the large-memory
 settings instead (uniform rows, 0/1 labels, no replacement, unit weights:
-``diet_ray/memory/recipe.py`` has why); its results line names the recipe.
+``diet_ray/memory/recipe.py`` has why); its results line names the recipe. At the hand-over
+(the first stage on row labels after one on the expert's) every kept slot gets its source
+row's 0/1 label back, looked up in the prepared stream (``relabelled`` in the results line).
 """
 from __future__ import annotations
 
@@ -118,6 +120,42 @@ def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Calla
         return z.float().clamp(-bound, bound)
 
     return teacher
+
+
+def _expert_labels_before(run_cfg: Config, fmap: FeatureMap, t: int) -> bool:
+    """Whether stage t-1 ran with the expert's labels (its recipe, from the run's config)."""
+    if t == 0:
+        return False
+    seen = int(sum(s.rows for s in fmap.stages[:t]))
+    return stage_recipe(run_cfg, capacity(seen, run_cfg.memory))[0].memory.label_init == "expert"
+
+
+def row_labels_back(memory: SlotMemory, store: StageStore, bound: float) -> tuple[SlotMemory, int]:
+    """A copy whose slots carry their source rows' 0/1 labels (+-``bound``) again; returns it
+    and how many slots found their row. The hand-over from the expert-label recipe to the
+    large-memory one: without it the kept slots would keep the expert's soft labels (frozen
+    under row labels) beside the new slots' 0/1 ones, a mix that ranked candidates worse than
+    either recipe alone (README deviations). The labels are looked up in the prepared stream
+    (the memory stores the row id, not its label); a slot whose row is not there (none
+    recorded) gets its own label hardened to +-``bound``."""
+    out = memory.detached()
+    found = np.zeros(len(out), bool)
+    label = np.where(out.label_logit.numpy() >= 0.0, 1.0, 0.0).astype(np.float32)
+    for stage in np.unique(out.born_stage):
+        at = np.flatnonzero((out.born_stage == stage) & (out.source_row >= 0))
+        if not len(at) or not 0 <= int(stage) < store.num_stages:
+            continue
+        row_id, row_label = store.read_labels(int(stage))
+        if not len(row_id):
+            continue
+        order = np.argsort(row_id, kind="stable")
+        ids = row_id[order]
+        pos = np.minimum(np.searchsorted(ids, out.source_row[at]), len(ids) - 1)
+        ok = ids[pos] == out.source_row[at]
+        label[at[ok]] = row_label[order[pos[ok]]]
+        found[at[ok]] = True
+    out.label_logit = torch.from_numpy(np.where(label >= 0.5, bound, -bound).astype(np.float32))
+    return out, int(found.sum())
 
 
 def _select_rows_or_fail(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, plan: AddressPlan,
@@ -226,6 +264,13 @@ def run_stage(
         # Unit weights throughout: slots weighted by earlier (small-recipe) stages are reset.
         memory = memory.detached()
         memory.weight_param = torch.full_like(memory.weight_param, UNIT_WEIGHT_PARAM)
+    relabelled = 0
+    if (memory is not None and len(memory) and cfg.memory.label_init == "row" and not cfg.distill.learn_labels
+            and _expert_labels_before(run_cfg, fmap, t)):
+        memory, relabelled = row_labels_back(memory, store, float(cfg.memory.init_logit))
+        if relabelled < len(memory):
+            log.warning("stage %d: %d of %d kept slots have no source row in the prepared stream; their labels "
+                        "were hardened to 0/1 instead", t, len(memory) - relabelled, len(memory))
     slot_infl = None
     if memory is not None and len(memory) and len(es.ref_rows):
         scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
@@ -281,6 +326,7 @@ def run_stage(
         "grown": plan.grow,
         "replaced": int(len(plan.replace_idx)),
         "refined": int(len(plan.refine_idx)),
+        "relabelled": relabelled,
         "expert_s": expert_s,
         "influence_s": influence_s,
         "bilevel_s": bilevel_s,
