@@ -106,3 +106,12 @@ def test_hand_over_happens_once_when_a_run_crosses_the_threshold(movielens, conf
     assert [_expert_labels_before(never, fmap, t) for t in range(3)] == [False, True, True]
     rows_only = load_config(None, ["memory.large.from_slots=null", "memory.label_init=row", "memory.ratio=0.02"])
     assert not any(_expert_labels_before(rows_only, fmap, t) for t in range(3))
+
+
+def test_stage_line_says_when_kept_slots_were_relabelled():
+    from diet_ray.distill.pipeline import _stage_line
+
+    m = dict(stage=3, rows=10, expert_s=1.0, influence_s=1.0, bilevel_s=1.0, reconcile_s=0.1, outer_loss_start=1.0,
+             outer_loss_end=0.5, slots=5, grown=1, replaced=0, refined=2, recipe="large", relabelled=4)
+    assert _stage_line(m).endswith("(+1 grown, 0 replaced, 2 refined; large recipe, 4 kept slots relabelled from their rows)")
+    assert _stage_line(dict(m, relabelled=0)).endswith("2 refined; large recipe)")

@@ -353,11 +353,12 @@ def run_stage(
 def _stage_line(m: Dict[str, Any]) -> str:
     a, b = m.get("outer_loss_start"), m.get("outer_loss_end")
     loss = f"{a:.4f} -> {b:.4f}" if a is not None and b is not None else "skipped"
+    relabelled = f", {m['relabelled']} kept slots relabelled from their rows" if m.get("relabelled") else ""
     return (
         f"stage {m['stage']}: {m['rows']} rows | expert {m['expert_s']:.1f}s influence {m['influence_s']:.1f}s "
         f"bi-level {m['bilevel_s']:.1f}s reconcile {m['reconcile_s']:.1f}s | outer loss {loss} | "
         f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined; "
-        f"{m.get('recipe', 'small')} recipe)"
+        f"{m.get('recipe', 'small')} recipe{relabelled})"
     )
 
 
