@@ -10,7 +10,9 @@ and 0.3% of negatives had non-negative influence, so label quotas pulled in the 
 expert rated most positive: its AUC on the selected rows was 0.06), replacing the most
 negative-influence slots removed typical rows, and learnt slot weights cost a further 0.2 tau.
 A large stage therefore draws rows uniformly per label, keeps their 0/1 labels, replaces
-nothing and keeps unit weights; the bi-level step refines supports and numeric values.
+nothing and keeps unit weights; the bi-level step refines supports and numeric values. A run
+that crosses the threshold hands over at its first large stage: the kept slots get their source
+rows' 0/1 labels back (``row_labels_back`` in diet_ray/distill/pipeline.py).
 """
 from __future__ import annotations
 
