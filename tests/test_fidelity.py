@@ -189,3 +189,35 @@ def test_reseed_agreement_is_the_full_data_ranking_against_itself_under_other_se
     assert "Noise ceiling" in markdown({**s, "variants": {}, "source": "x"})
     one = summarize([r for r in lines if r["seed_index"] == 0], {"budget_ratio": 0.01})
     assert one["reseed"] is None
+
+
+def test_pooled_agreement_ranks_seed_averaged_aucs_on_both_sides():
+    from diet_ray.evaluate.fidelity_report import markdown, summarize
+
+    # Full history: c0 < c1 < c2 < c3 on average, but seed 1 swaps c2/c3 (noise).
+    full = {0: [0.60, 0.62, 0.64, 0.70], 1: [0.60, 0.62, 0.67, 0.66]}
+    # The variant: each seed alone disagrees with that seed's full ranking on one pair, its
+    # seed means (0.500, 0.515, 0.535, 0.545) rank exactly like full history's means.
+    var = {0: [0.50, 0.52, 0.53, 0.55], 1: [0.50, 0.51, 0.54, 0.54]}
+    lines = [{"kind": "fidelity_train", "variant": "full", "budget": None, "seed_index": k, "stage": 3, "candidate": f"c{i}", "auc": a}
+             for k, row in full.items() for i, a in enumerate(row)]
+    lines += [{"kind": "fidelity_train", "variant": "diet", "budget": 0.01, "seed_index": k, "stage": 3, "candidate": f"c{i}", "auc": a}
+              for k, row in var.items() for i, a in enumerate(row)]
+    # the per-repetition fidelity rows the bench writes (only what aggregate reads matters here)
+    for k in var:
+        lines.append({"kind": "fidelity", "variant": "diet", "budget": 0.01, "seed_index": k, "stage": 3, "kendall": 0.5,
+                      "spearman": 0.5, "regret": 0.0, "auc_gap": 0.1, "logloss_gap": 0.0, "train_rows": 10,
+                      "full_sample_steps": 100, "variant_sample_steps": 1, "full_wall_s": 1.0, "variant_wall_s": 0.1})
+    s = summarize(lines, {"budget_ratio": 0.01, "stages": [3]})
+    d = s["variants"]["diet"]
+    assert d["pooled_seeds"] == 2
+    assert d["kendall_pooled"] == pytest.approx(1.0) and d["spearman_pooled"] == pytest.approx(1.0)
+    assert d["regret_pooled"] == pytest.approx(0.0)
+    assert s["by_budget"]["diet"]["0.01"]["kendall_pooled"] == pytest.approx(1.0)
+    assert "kendall_pooled" not in s["variants"].get("full", {})
+    assert "| diet | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.0000 | 1.000 / 0.0000 |" in markdown({**s, "source": "x"})
+
+    # Only seed 1: its variant ranking (c2 = c3 tied) against seed 1's full means (c3 < c2).
+    one = summarize([r for r in lines if r["seed_index"] == 1], {"budget_ratio": 0.01, "stages": [3]})
+    assert one["variants"]["diet"]["pooled_seeds"] == 1
+    assert one["variants"]["diet"]["kendall_pooled"] < 1.0
