@@ -124,8 +124,10 @@ def _submit(address: str, env: Dict[str, str], workdir: Path, entrypoint: List[s
         time.sleep(2.0)
 
 
-def _wait(address: str, env: Dict[str, str], job_id: str, timeout: float = 420) -> str:
-    """Poll ``ray job status`` until the job ends: SUCCEEDED, FAILED or STOPPED (or TIMEOUT)."""
+def _wait(address: str, env: Dict[str, str], job_id: str, timeout: float = 900) -> str:
+    """Poll ``ray job status`` until the job ends: SUCCEEDED, FAILED or STOPPED (or TIMEOUT).
+    The deadline only guards against a hung job: on a loaded 2-core box the 2-stage job takes
+    several minutes (about 450 s at load 60)."""
     ends = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}
     deadline = time.time() + timeout
     while time.time() < deadline:
