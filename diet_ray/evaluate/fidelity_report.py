@@ -97,19 +97,14 @@ def summarize(lines: List[Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, An
         groups.setdefault((r["variant"], r["budget"]), []).append(r)
     variants: Dict[str, Any] = {}
     budgets: Dict[str, Dict[str, Any]] = {}
+    means = seed_mean_aucs([r for r in lines if r.get("kind") == "fidelity_train"])
     for (v, b), rows in groups.items():
         agg = aggregate(rows)
+        if v != FULL:
+            agg.update(pooled_agreement(means.get((FULL, None), ({}, 0)), means.get((v, b), ({}, 0))))
         budgets.setdefault(v, {})[_tag(b)] = agg
         if b is None or abs(float(b) - main) < 1e-12:
             variants[v] = dict(agg)
-    train_all = [r for r in lines if r.get("kind") == "fidelity_train"]
-    for v, entry in variants.items():
-        if v != FULL:
-            entry.update(pooled_agreement(train_all, v, main))
-    for v, d in budgets.items():
-        for tag, agg in d.items():
-            if v != FULL and tag != FULL:
-                agg.update(pooled_agreement(train_all, v, float(tag)))
     for v, entry in variants.items():
         cs = [c for c in costs if c["variant"] == v and c["budget"] is not None and abs(c["budget"] - main) < 1e-12]
         if not cs:
@@ -135,30 +130,31 @@ def summarize(lines: List[Dict[str, Any]], meta: Dict[str, Any]) -> Dict[str, An
     return {**meta, "variants": variants, "by_budget": budgets, "credibility": cred, "reseed": reseed_agreement(train)}
 
 
-def _seed_mean_aucs(train: List[Dict[str, Any]], variant: str, budget: Optional[float]) -> tuple[Dict[int, Dict[str, float]], int]:
-    """({stage: {candidate: AUC averaged over the repetitions}}, repetitions) for one (variant, budget)."""
-    acc: Dict[int, Dict[str, List[float]]] = {}
-    seeds = set()
+def seed_mean_aucs(train: List[Dict[str, Any]]) -> Dict[tuple, tuple[Dict[int, Dict[str, float]], int]]:
+    """{(variant, budget): ({stage: {candidate: AUC averaged over the repetitions}}, repetitions)},
+    in one pass over the candidate records (full history is the key ("full", None))."""
+    acc: Dict[tuple, Dict[int, Dict[str, List[float]]]] = {}
+    seeds: Dict[tuple, set] = {}
     for r in train:
-        b = r.get("budget")
-        same = (b is None) if budget is None else (b is not None and abs(float(b) - budget) < 1e-12)
-        if r["variant"] == variant and same:
-            acc.setdefault(r["stage"], {}).setdefault(r["candidate"], []).append(fs.num(r["auc"]))
-            seeds.add(r["seed_index"])
-    return {t: {c: _mean(a) for c, a in d.items()} for t, d in acc.items()}, len(seeds)
+        key = (r["variant"], r.get("budget"))
+        acc.setdefault(key, {}).setdefault(r["stage"], {}).setdefault(r["candidate"], []).append(fs.num(r["auc"]))
+        seeds.setdefault(key, set()).add(r["seed_index"])
+    return {key: ({t: {c: _mean(a) for c, a in d.items()} for t, d in per_stage.items()}, len(seeds[key]))
+            for key, per_stage in acc.items()}
 
 
-def pooled_agreement(train: List[Dict[str, Any]], variant: str, budget: Optional[float]) -> Dict[str, Any]:
-    """τ, ρ and regret of the variant's seed-averaged AUCs against full history's seed-averaged
-    AUCs (per stage, then averaged over stages). Averaging over repetitions removes much of the
-    candidate-seed noise that caps a single repetition's τ (``reseed``), so this says whether the
-    training set ranks the zoo like full history does on average; the per-repetition
-    ``kendall_mean`` stays the headline figure. ``pooled_seeds`` = repetitions averaged."""
-    (full, _), (var, seeds) = _seed_mean_aucs(train, FULL, None), _seed_mean_aucs(train, variant, budget)
+def pooled_agreement(full: tuple[Dict[int, Dict[str, float]], int], var: tuple[Dict[int, Dict[str, float]], int]) -> Dict[str, Any]:
+    """τ, ρ and regret of a variant's seed-averaged AUCs against full history's seed-averaged
+    AUCs (both from ``seed_mean_aucs``; per stage, then averaged over stages). Averaging over
+    repetitions removes much of the candidate-seed noise that caps a single repetition's τ
+    (``reseed``), so this says whether the training set ranks the zoo like full history does on
+    average; the per-repetition ``kendall_mean`` stays the headline figure. ``pooled_seeds`` =
+    the variant's repetitions averaged."""
+    (f, _), (v, seeds) = full, var
     rows = []
-    for t in sorted(set(full) & set(var)):
-        names = [n for n in full[t] if n in var[t]]
-        x, y = [full[t][n] for n in names], [var[t][n] for n in names]
+    for t in sorted(set(f) & set(v)):
+        names = [n for n in f[t] if n in v[t]]
+        x, y = [f[t][n] for n in names], [v[t][n] for n in names]
         rows.append({"kendall": M.kendall_tau(x, y), "spearman": M.spearman_rho(x, y), "regret": M.top1_regret(x, y)})
     out: Dict[str, Any] = {"pooled_seeds": seeds}
     for k in ("kendall", "spearman", "regret"):
