@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 import torch
 
 from diet_ray.config import ExpertConfig, MemoryConfig
@@ -71,6 +72,63 @@ def test_filter_key_topk_does_not_depend_on_blocks():
     parts = [table_topk(add_filter_key(t.slice(i, 150), 5), want, "pick") for i in range(0, n, 150)]
     merged = table_topk(pa.concat_tables(parts), want, "pick")
     assert whole.column("_row_id").to_pylist() == merged.column("_row_id").to_pylist()
+
+
+def _scored_table(n: int, pos_pass: float, neg_pass: float, seed: int = 2) -> pa.Table:
+    """Rows with labels ~30% positive and influence >= 0 for about the given share of each label."""
+    rng = np.random.default_rng(seed)
+    label = (rng.random(n) < 0.3).astype(np.float32)
+    share = np.where(label == 1, pos_pass, neg_pass)
+    infl = np.where(rng.random(n) < share, rng.random(n), -rng.random(n) - 1e-3)
+    return pa.table({"_row_id": np.arange(n, dtype=np.int64) * 3 + 1, "_label": label, "influence": infl})
+
+
+@pytest.mark.ray
+def test_filter_applies_per_label_only_where_a_real_share_passes(ray_local):
+    import ray
+
+    from diet_ray.influence.topk import streaming_filter_topk
+
+    t = _scored_table(3000, pos_pass=0.01, neg_pass=0.6)
+    want = {1: 60, 0: 90}
+    ds = ray.data.from_arrow([t.slice(i, 700) for i in range(0, t.num_rows, 700)])  # uneven blocks
+    top, stats = streaming_filter_topk(ds, want, seed=9, min_share=0.05)
+    lab = np.rint(t.column("_label").to_numpy())
+    infl = t.column("influence").to_numpy()
+    for label, share in ((1, 0.01), (0, 0.6)):
+        assert stats[label]["rows"] == int((lab == label).sum())
+        assert stats[label]["passed"] == int(((lab == label) & (infl >= 0)).sum())
+        assert abs(stats[label]["share"] - share) < 0.02
+    assert not stats[1]["filtered"] and stats[0]["filtered"]
+    got_lab = np.rint(top.column("_label").to_numpy())
+    assert (got_lab == 1).sum() == 60 and (got_lab == 0).sum() == 90
+    rid = t.column("_row_id").to_numpy()
+    # Positives: the sliver that passes is not put first; the draw is the uniform one, all rows.
+    pos = np.flatnonzero(lab == 1)
+    uniform_pos = pos[np.lexsort((rid[pos], -uniform_hash(rid[pos], 9)))[:60]]
+    assert sorted(top.column("_row_id").to_numpy()[got_lab == 1]) == sorted(rid[uniform_pos])
+    # Negatives: the filter, exactly as a one-table top-k over the filter key draws it.
+    old = table_topk(add_filter_key(t, 9), {0: 90}, "pick")
+    assert sorted(top.column("_row_id").to_numpy()[got_lab == 0]) == sorted(old.column("_row_id").to_pylist())
+    assert (top.column("influence").to_numpy()[got_lab == 0] >= 0).all()
+    # min_share=0: the old filter on both labels (its passing positives first).
+    top0, stats0 = streaming_filter_topk(ds, want, seed=9, min_share=0.0)
+    assert stats0[1]["filtered"] and stats0[0]["filtered"]
+    assert top0.column("_row_id").to_pylist() == table_topk(add_filter_key(t, 9), want, "pick").column("_row_id").to_pylist()
+
+
+def test_filter_candidates_counts_survive_the_block_cut():
+    from diet_ray.influence.topk import block_filter_candidates
+
+    t = _scored_table(900, pos_pass=0.2, neg_pass=0.9)
+    out = block_filter_candidates(t, {1: 5, 0: 5}, seed=3)
+    lab = np.rint(out.column("_label").to_numpy())
+    assert out.num_rows <= 20  # the union of two top-5s per label
+    for label in (0, 1):
+        mine = np.rint(t.column("_label").to_numpy()) == label
+        assert out.column("_n_rows").to_numpy()[lab == label].sum() == mine.sum()
+        passed = mine & (t.column("influence").to_numpy() >= 0)
+        assert out.column("_n_pass").to_numpy()[lab == label].sum() == passed.sum()
 
 
 def test_soft_labels_count_by_expectation_in_the_label_mix():

@@ -8,7 +8,8 @@ slots from the selected rows -> bi-level Ray Train job over the addressed slots 
 Row selection. New slots (stage 0: the initial C_1; later: grown and replaced slots) are
 initialised from rows of D_t with the planned label mix, drawn by ``memory.init``:
 ``influence_filter`` (default) = uniformly among the rows whose influence on the stage's
-reference is non-negative; ``influence`` (DESIGN §5) = the most influential rows, the top ones
+reference is non-negative, per label where at least ``memory.filter_min_share`` of the label's
+rows pass (else uniformly among all; ``init_filter`` in the results line has the counts); ``influence`` (DESIGN §5) = the most influential rows, the top ones
 to grown slots and the next to replaced slots; ``random`` (ablation) = uniformly, at every
 stage (row scoring is then skipped).
 
@@ -68,8 +69,9 @@ def _select_rows(
     es: ExpertStage,
     plan: AddressPlan,
     cfg: Config,
-) -> tuple[EncodedRows, Optional[np.ndarray]]:
-    """The rows that initialise the plan's new slots, most influential first (or random)."""
+) -> tuple[EncodedRows, Optional[np.ndarray], Dict[str, Any]]:
+    """The rows that initialise the plan's new slots, most influential first (or random), their
+    scores, and (influence_filter) per label the rows, passing rows and whether it filtered."""
     want = {1: plan.n_pos_new, 0: plan.n_neg_new}
     if cfg.memory.init == "random" or len(es.ref_rows) == 0:
         rng = np.random.default_rng(derive_seed(cfg.seed, "random-init", stage))
@@ -78,30 +80,32 @@ def _select_rows(
             idx = np.flatnonzero(np.rint(rows.label) == label)
             picked.append(rng.permutation(idx)[:k])
         idx = np.concatenate(picked).astype(np.int64)
-        return rows.take(rng.permutation(idx)), None
+        return rows.take(rng.permutation(idx)), None, {}
     from diet_ray.influence.ray_scoring import score_stage
-    from diet_ray.influence.topk import streaming_topk
+    from diet_ray.influence.topk import PICK, streaming_filter_topk, streaming_topk
 
     scored = score_stage(
         store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
         es.ref_rows.batch(), store.fmap, cfg.influence, derive_seed(cfg.seed, "influence", stage),
         use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0,
     )
+    info: Dict[str, Any] = {}
     if cfg.memory.init == "influence_filter":
-        from diet_ray.influence.topk import add_filter_key
-
-        keyed = scored.map_batches(
-            add_filter_key, fn_kwargs={"seed": derive_seed(cfg.seed, "filter-init", stage)}, batch_format="pyarrow",
-            batch_size=None, zero_copy_batch=True, num_cpus=0.25,  # cheap, like the per-block top-k
-        )
-        top = streaming_topk(keyed, want, score_col="pick")
+        top, stats = streaming_filter_topk(scored, want, derive_seed(cfg.seed, "filter-init", stage),
+                                           float(cfg.memory.filter_min_share))
+        info["init_filter"] = {("pos" if label == 1 else "neg"): st for label, st in stats.items()}
+        for label, st in stats.items():
+            if not st["filtered"] and st["rows"]:
+                log.info("stage %d: %.2f%% of the %s rows have non-negative influence (< memory.filter_min_share=%g): "
+                         "their new slots are drawn uniformly", stage, 100 * st["share"], "positive" if label == 1 else "negative",
+                         cfg.memory.filter_min_share)
     else:
         top = streaming_topk(scored, want)
     selected = EncodedRows.from_table(top, store.fmap)
     scores = top.column("influence").to_numpy().astype(np.float64)
-    rank = top.column("pick").to_numpy() if "pick" in top.column_names else scores
+    rank = top.column(PICK).to_numpy() if PICK in top.column_names else scores
     order = np.lexsort((selected.row_id, -rank))  # best-ranked first across both labels
-    return selected.take(order), scores[order]
+    return selected.take(order), scores[order], info
 
 
 def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Callable[[Any], torch.Tensor]:
@@ -159,7 +163,7 @@ def row_labels_back(memory: SlotMemory, store: StageStore, bound: float) -> tupl
 
 
 def _select_rows_or_fail(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, plan: AddressPlan,
-                         cfg: Config) -> tuple[EncodedRows, Optional[np.ndarray]]:
+                         cfg: Config) -> tuple[EncodedRows, Optional[np.ndarray], Dict[str, Any]]:
     """``_select_rows``, with a scoring job that failed on Ray (its actors died more often than
     their capped restarts allow) reported as one line naming the stage."""
     import ray.exceptions
@@ -283,8 +287,9 @@ def run_stage(
         memory, slot_infl, rows_seen, pos_rate, cfg.memory, np.random.default_rng(derive_seed(cfg.seed, "addressing", t)),
         available_pos=n_pos, available_neg=len(rows) - n_pos,
     )
+    init_info: Dict[str, Any] = {}
     if plan.n_new:
-        selected, scores = _select_rows_or_fail(store, t, rows, es, plan, cfg)
+        selected, scores, init_info = _select_rows_or_fail(store, t, rows, es, plan, cfg)
         if len(selected) != plan.n_new:
             raise RunStateError(f"stage {t}: selected {len(selected)} rows for {plan.n_new} new slots")
         new = _new_slots(memory, plan, selected, scores, fmap, cfg, t, id_freq, teacher)
@@ -327,6 +332,7 @@ def run_stage(
         "replaced": int(len(plan.replace_idx)),
         "refined": int(len(plan.refine_idx)),
         "relabelled": relabelled,
+        **init_info,
         "expert_s": expert_s,
         "influence_s": influence_s,
         "bilevel_s": bilevel_s,

@@ -6,6 +6,11 @@ stage is never sorted or collected on one node.
 with non-negative influence first, in a seeded random order (a uniform draw among the helpful
 rows), then the harmful ones, also in random order. The key is a hash of ``_row_id`` and the
 seed, so the draw does not depend on how the stage was split into blocks either.
+``streaming_filter_topk`` applies the filter per label only where at least ``min_share`` of
+that label's rows pass it; below that the label's rows are drawn uniformly (the same hash).
+A sliver of "helpful" rows is a sliver of near-zero scores whose sign another CPU's kernels
+can flip (README deviations): it should not decide which rows fill the slots. It counts each
+label's rows and passing rows in the same streaming pass, so the stage is still read once.
 
 Order: for each label in ``k_per_label``'s order, score descending; ties by ``_row_id``
 ascending when the column exists (else by position), so the result does not depend on how the
@@ -20,6 +25,9 @@ import pyarrow as pa
 
 LABEL = "_label"
 ROW_ID = "_row_id"
+PICK = "pick"  # the filter's rank key: 1 + u for passing rows, u for the rest
+DRAW = "draw"  # u alone: the uniform draw
+_N_ROWS, _N_PASS = "_n_rows", "_n_pass"  # a block's per-label counts, on its first kept row of the label
 
 
 def topk_numpy(scores: np.ndarray, labels: np.ndarray, k_per_label: Dict[int, int], tiebreak: Optional[np.ndarray] = None) -> np.ndarray:
@@ -60,6 +68,33 @@ def add_filter_key(table: pa.Table, seed: int, score_col: str = "influence", key
     return table.append_column(key_col, pa.array(key, type=pa.float64()))
 
 
+def _union_topk(table: pa.Table, k_per_label: Dict[int, int]) -> np.ndarray:
+    """Indices of the rows in the top-k by PICK or by DRAW (either may win at the end)."""
+    rid, label = table.column(ROW_ID).to_numpy(), table.column(LABEL).to_numpy()
+    by_pick = topk_numpy(table.column(PICK).to_numpy(), label, k_per_label, rid)
+    by_draw = topk_numpy(table.column(DRAW).to_numpy(), label, k_per_label, rid)
+    return np.unique(np.concatenate([by_pick, by_draw]))
+
+
+def block_filter_candidates(table: pa.Table, k_per_label: Dict[int, int], seed: int, score_col: str = "influence") -> pa.Table:
+    """One block: its candidate rows for both draws with PICK and DRAW, and the block's rows and
+    passing rows per label in _N_ROWS / _N_PASS on the label's first kept row (0 elsewhere), so
+    the counts survive the per-block cut and sum to the stage's."""
+    u = uniform_hash(table.column(ROW_ID).to_numpy(), seed)
+    passed = np.nan_to_num(np.asarray(table.column(score_col).to_numpy(), dtype=np.float64), nan=-1.0) >= 0.0
+    keyed = table.append_column(PICK, pa.array(u + passed, pa.float64())).append_column(DRAW, pa.array(u, pa.float64()))
+    keep = _union_topk(keyed, k_per_label)
+    labels = np.rint(np.asarray(table.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
+    n_rows, n_pass = np.zeros(len(keep), np.int64), np.zeros(len(keep), np.int64)
+    for label in k_per_label:
+        mine = labels == int(label)
+        first = np.flatnonzero(labels[keep] == int(label))
+        if first.size:
+            n_rows[first[0]], n_pass[first[0]] = int(mine.sum()), int((mine & passed).sum())
+    out = keyed.take(pa.array(keep, type=pa.int64()))
+    return out.append_column(_N_ROWS, pa.array(n_rows)).append_column(_N_PASS, pa.array(n_pass))
+
+
 def table_topk(table: pa.Table, k_per_label: Dict[int, int], score_col: str = "influence") -> pa.Table:
     tb = table.column(ROW_ID).to_numpy() if ROW_ID in table.column_names else None
     idx = topk_numpy(table.column(score_col).to_numpy(), table.column(LABEL).to_numpy(), k_per_label, tb)
@@ -87,3 +122,46 @@ def streaming_topk(ds, k_per_label: Dict[int, int], score_col: str = "influence"
         base = getattr(per_block.schema(), "base_schema", None)
         return base.empty_table() if isinstance(base, pa.Schema) else pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64())})
     return best
+
+
+def streaming_filter_topk(ds, k_per_label: Dict[int, int], seed: int, min_share: float,
+                          score_col: str = "influence") -> tuple[pa.Table, Dict[int, Dict[str, float]]]:
+    """The influence filter's rows, per label: a uniform draw among the rows with non-negative
+    influence (topped up at random) where at least ``min_share`` of the label's rows pass, a
+    uniform draw among all of them where fewer do. Returns the rows, ranked within each label
+    (PICK holds the rank key used), and per label ``{rows, passed, share, filtered}``."""
+    k_per_label = {int(k): int(v) for k, v in k_per_label.items() if int(v) > 0}
+    per_block = ds.map_batches(
+        block_filter_candidates,
+        fn_kwargs={"k_per_label": k_per_label, "seed": int(seed), "score_col": score_col},
+        batch_format="pyarrow",
+        batch_size=None,  # one call per block
+        zero_copy_batch=True,
+        num_cpus=0.25,  # cheap, like streaming_topk's
+    )
+    rows = {label: 0 for label in k_per_label}
+    passed = {label: 0 for label in k_per_label}
+    best: Optional[pa.Table] = None
+    for part in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
+        if part.num_rows == 0:
+            continue
+        labels = np.rint(np.asarray(part.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
+        n_rows, n_pass = part.column(_N_ROWS).to_numpy(), part.column(_N_PASS).to_numpy()
+        for label in k_per_label:
+            mine = labels == label
+            rows[label] += int(n_rows[mine].sum())
+            passed[label] += int(n_pass[mine].sum())
+        part = part.drop_columns([_N_ROWS, _N_PASS])
+        merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
+        best = merged.take(pa.array(_union_topk(merged, k_per_label), type=pa.int64()))
+    stats: Dict[int, Dict[str, float]] = {}
+    for label in k_per_label:
+        share = passed[label] / rows[label] if rows[label] else 0.0
+        stats[label] = {"rows": rows[label], "passed": passed[label], "share": share, "filtered": bool(rows[label]) and share >= min_share}
+    if best is None:
+        return pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64()), PICK: pa.array([], pa.float64())}), stats
+    labels = np.rint(np.asarray(best.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
+    uniform = np.isin(labels, [label for label, st in stats.items() if not st["filtered"]])
+    rank = np.where(uniform, best.column(DRAW).to_numpy(), best.column(PICK).to_numpy())
+    best = best.set_column(best.column_names.index(PICK), PICK, pa.array(rank, pa.float64())).drop_columns([DRAW])
+    return table_topk(best, k_per_label, PICK), stats
