@@ -64,6 +64,10 @@ def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_
     first, second = out["per_stage"]
     assert first["capacity"] < 60 <= second["capacity"]
     assert (first["recipe"], second["recipe"]) == ("small", "large") and second["replaced"] == 0
+    # The small recipe's influence filter: per label the stage's rows, those passing, and whether it filtered.
+    filt = first["init_filter"]
+    assert filt["pos"]["rows"] + filt["neg"]["rows"] == first["rows"] and "init_filter" not in second
+    assert all(0 <= v["passed"] <= v["rows"] and v["filtered"] == (v["share"] >= cfg.memory.filter_min_share) for v in filt.values())
     m0, m1 = load_stage_memory(cfg.run.dir, 0), load_stage_memory(cfg.run.dir, 1)
     big_l = float(cfg.memory.init_logit)
     assert np.any(np.abs(m0.label_logit.numpy()) < big_l - 1e-3)  # the expert's soft labels

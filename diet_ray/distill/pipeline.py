@@ -94,11 +94,11 @@ def _select_rows(
         top, stats = streaming_filter_topk(scored, want, derive_seed(cfg.seed, "filter-init", stage),
                                            float(cfg.memory.filter_min_share))
         info["init_filter"] = {("pos" if label == 1 else "neg"): st for label, st in stats.items()}
-        for label, st in stats.items():
+        for label, st in stats.items():  # debug: the console keeps one line per stage; the results line has it
             if not st["filtered"] and st["rows"]:
-                log.info("stage %d: %.2f%% of the %s rows have non-negative influence (< memory.filter_min_share=%g): "
-                         "their new slots are drawn uniformly", stage, 100 * st["share"], "positive" if label == 1 else "negative",
-                         cfg.memory.filter_min_share)
+                log.debug("stage %d: %.2f%% of the %s rows have non-negative influence (< memory.filter_min_share=%g): "
+                          "their new slots are drawn uniformly", stage, 100 * st["share"], "positive" if label == 1 else "negative",
+                          cfg.memory.filter_min_share)
     else:
         top = streaming_topk(scored, want)
     selected = EncodedRows.from_table(top, store.fmap)
