@@ -9,7 +9,7 @@ import torch
 from diet_ray.config import ExpertConfig, MemoryConfig
 from diet_ray.distill.expert import StreamExpert
 from diet_ray.distill.pipeline import expert_teacher
-from diet_ray.influence.topk import add_filter_key, filter_key, table_topk, uniform_hash
+from diet_ray.influence.topk import filter_key, table_topk, uniform_hash
 from diet_ray.memory.addressing import expected_positives, plan_stage
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
@@ -60,6 +60,12 @@ def test_filter_key_draws_uniformly_among_helpful_rows_first():
     assert scores[top].mean() < np.sort(scores)[-500:].mean() - 0.5
     u = uniform_hash(rid, 11)
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
+
+
+def add_filter_key(table: pa.Table, seed: int) -> pa.Table:
+    """The filter over one table: the reference the streaming forms must match."""
+    key = filter_key(table.column("influence").to_numpy(), table.column("_row_id").to_numpy(), seed)
+    return table.append_column("pick", pa.array(key, type=pa.float64()))
 
 
 def test_filter_key_topk_does_not_depend_on_blocks():

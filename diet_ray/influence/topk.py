@@ -63,11 +63,6 @@ def filter_key(scores: np.ndarray, row_id: np.ndarray, seed: int) -> np.ndarray:
     return uniform_hash(row_id, seed) + (s >= 0.0)
 
 
-def add_filter_key(table: pa.Table, seed: int, score_col: str = "influence", key_col: str = "pick") -> pa.Table:
-    key = filter_key(table.column(score_col).to_numpy(), table.column(ROW_ID).to_numpy(), seed)
-    return table.append_column(key_col, pa.array(key, type=pa.float64()))
-
-
 def _union_topk(table: pa.Table, k_per_label: Dict[int, int]) -> np.ndarray:
     """Indices of the rows in the top-k by PICK or by DRAW (either may win at the end)."""
     rid, label = table.column(ROW_ID).to_numpy(), table.column(LABEL).to_numpy()
@@ -81,8 +76,9 @@ def block_filter_candidates(table: pa.Table, k_per_label: Dict[int, int], seed: 
     passing rows per label in _N_ROWS / _N_PASS on the label's first kept row (0 elsewhere), so
     the counts survive the per-block cut and sum to the stage's."""
     u = uniform_hash(table.column(ROW_ID).to_numpy(), seed)
-    passed = np.nan_to_num(np.asarray(table.column(score_col).to_numpy(), dtype=np.float64), nan=-1.0) >= 0.0
-    keyed = table.append_column(PICK, pa.array(u + passed, pa.float64())).append_column(DRAW, pa.array(u, pa.float64()))
+    pick = filter_key(table.column(score_col).to_numpy(), table.column(ROW_ID).to_numpy(), seed)
+    passed = pick >= 1.0
+    keyed = table.append_column(PICK, pa.array(pick, pa.float64())).append_column(DRAW, pa.array(u, pa.float64()))
     keep = _union_topk(keyed, k_per_label)
     labels = np.rint(np.asarray(table.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
     n_rows, n_pass = np.zeros(len(keep), np.int64), np.zeros(len(keep), np.int64)
@@ -118,10 +114,13 @@ def streaming_topk(ds, k_per_label: Dict[int, int], score_col: str = "influence"
             continue
         merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
         best = table_topk(merged, k_per_label, score_col)
-    if best is None:
-        base = getattr(per_block.schema(), "base_schema", None)
-        return base.empty_table() if isinstance(base, pa.Schema) else pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64())})
-    return best
+    return _empty(per_block, score_col) if best is None else best
+
+
+def _empty(ds, score_col: str) -> pa.Table:
+    """No rows at all: an empty table with the dataset's columns (or the two that matter)."""
+    base = getattr(ds.schema(), "base_schema", None)
+    return base.empty_table() if isinstance(base, pa.Schema) else pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64())})
 
 
 def streaming_filter_topk(ds, k_per_label: Dict[int, int], seed: int, min_share: float,
@@ -159,7 +158,7 @@ def streaming_filter_topk(ds, k_per_label: Dict[int, int], seed: int, min_share:
         share = passed[label] / rows[label] if rows[label] else 0.0
         stats[label] = {"rows": rows[label], "passed": passed[label], "share": share, "filtered": bool(rows[label]) and share >= min_share}
     if best is None:
-        return pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64()), PICK: pa.array([], pa.float64())}), stats
+        return _empty(per_block, score_col), stats
     labels = np.rint(np.asarray(best.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
     uniform = np.isin(labels, [label for label, st in stats.items() if not st["filtered"]])
     rank = np.where(uniform, best.column(DRAW).to_numpy(), best.column(PICK).to_numpy())
