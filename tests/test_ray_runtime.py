@@ -1,4 +1,7 @@
 import json
+import os
+
+import pytest
 
 from diet_ray import ray_runtime
 
@@ -50,3 +53,37 @@ def test_quiet_data_drops_only_the_cpu_and_gpu_map_warning():
     finally:
         log.removeHandler(keep)
         quiet_data(False)
+
+
+def _footer_indexer(ds):
+    """The FooterFileIndexer Ray planned for a read_parquet dataset (its ListFiles op)."""
+    op = ds._logical_plan.dag
+    while op is not None:
+        if hasattr(op, "file_indexer"):
+            return op.file_indexer
+        deps = getattr(op, "input_dependencies", None) or []
+        op = deps[0] if deps else None
+    raise AssertionError("no ListFiles op in the plan: Ray's Parquet reader changed, revisit sized_footer_pool")
+
+
+@pytest.mark.ray
+def test_stage_reads_start_one_footer_actor_per_128_files(ray_local, tmp_path, monkeypatch):
+    """Ray Data's default is 32 footer-reading actors (processes) per planned read; a stage
+    read of a few files plans one, the env var is put back, and a user's own value wins."""
+    from diet_ray.config import load_config
+    from diet_ray.data.prepare import prepare
+    from diet_ray.data.stages import FOOTER_ACTORS_ENV, StageStore, footer_actors
+
+    assert (footer_actors(1), footer_actors(128), footer_actors(129), footer_actors(10**6)) == (1, 1, 2, 32)
+    cfg = load_config(None, ["data.source=synthetic://default?rows=3000&stages=2&users=100&items=200",
+                             "data.stages.count=2", f"run.dir={tmp_path / 'run'}"])
+    prepare(cfg)
+    store = StageStore(cfg.run.dir)
+    monkeypatch.delenv(FOOTER_ACTORS_ENV, raising=False)
+    ds = store.ray_dataset(0)
+    if not hasattr(_footer_indexer(ds), "_num_actors"):
+        pytest.fail("FooterFileIndexer has no _num_actors: Ray's Parquet reader changed, revisit sized_footer_pool")
+    assert _footer_indexer(ds)._num_actors == 1 and FOOTER_ACTORS_ENV not in os.environ
+    assert ds.count() == store.fmap.stages[0].rows
+    monkeypatch.setenv(FOOTER_ACTORS_ENV, "3")
+    assert _footer_indexer(store.ray_dataset(1))._num_actors == 3 and os.environ[FOOTER_ACTORS_ENV] == "3"

@@ -1,6 +1,9 @@
 """Reading prepared, stage-partitioned encoded data (``prepared/stage=NNNN/part-*.parquet``)."""
 from __future__ import annotations
 
+import contextlib
+import math
+import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
@@ -10,6 +13,33 @@ import pyarrow as pa
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.errors import DataError
+
+
+# Ray Data 2.60's Parquet reader (datasource V2) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
+# footer-reading actors, 32 by default, for every read it plans, however few files it lists:
+# 32 worker processes per stage read. Each actor keeps 128 footer reads in flight, so one per
+# 128 files is enough; on a 2-CPU node this cut a 2-stage run from 173 s to 138 s wall (README).
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_READS_PER_ACTOR = 128
+FOOTER_ACTORS_MAX = 32  # Ray's default, for reads of thousands of files
+
+
+def footer_actors(n_files: int) -> int:
+    return max(1, min(FOOTER_ACTORS_MAX, math.ceil(n_files / FOOTER_READS_PER_ACTOR)))
+
+
+@contextlib.contextmanager
+def sized_footer_pool(n_files: int):
+    """While a read is planned (Ray reads the variable then), size its footer pool to the
+    files; a value the user set is left alone."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield
+        return
+    os.environ[FOOTER_ACTORS_ENV] = str(footer_actors(n_files))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
 def prepared_dir(run_dir: str) -> str:
@@ -117,4 +147,5 @@ class StageStore:
         files = self.stage_files(stage)
         if not files:
             raise DataError(f"stage {stage} has no rows; nothing to distribute")
-        return ray.data.read_parquet(files, filesystem=fs.pyarrow_fs(files[0]))
+        with sized_footer_pool(len(files)):
+            return ray.data.read_parquet(files, filesystem=fs.pyarrow_fs(files[0]))
