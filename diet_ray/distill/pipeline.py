@@ -9,8 +9,9 @@ Row selection. New slots (stage 0: the initial C_1; later: grown and replaced sl
 initialised from rows of D_t with the planned label mix, drawn by ``memory.init``:
 ``influence_filter`` (default) = uniformly among the rows whose influence on the stage's
 reference is non-negative, per label where at least ``memory.filter_min_share`` of the label's
-rows pass (else uniformly among all; ``init_filter`` in the results line has the counts); ``influence`` (DESIGN §5) = the most influential rows, the top ones
-to grown slots and the next to replaced slots; ``random`` (ablation) = uniformly, at every
+rows pass (else uniformly among all; ``init_filter`` in the results line has the counts);
+``influence`` (DESIGN §5) = the most influential rows, the top ones to grown slots and the next
+to replaced slots; ``random`` (ablation) = uniformly, at every
 stage (row scoring is then skipped).
 
 Labels. With ``memory.label_init=expert`` (default) a slot's label logit is the stream
