@@ -56,11 +56,16 @@ def uniform_hash(row_id: np.ndarray, seed: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def passes_filter(scores: np.ndarray) -> np.ndarray:
+    """Rows the influence filter keeps: influence >= 0 (NaN fails)."""
+    return np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-1.0) >= 0.0
+
+
 def filter_key(scores: np.ndarray, row_id: np.ndarray, seed: int) -> np.ndarray:
     """Rank key for influence_filter: 1 + u for rows with influence >= 0, u for the rest
-    (u uniform per row), so top-k is a uniform draw among helpful rows, topped up at random."""
-    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-1.0)
-    return uniform_hash(row_id, seed) + (s >= 0.0)
+    (u uniform per row), so top-k is a uniform draw among helpful rows, topped up at random.
+    The one-table form of the PICK column ``block_filter_candidates`` builds."""
+    return uniform_hash(row_id, seed) + passes_filter(scores)
 
 
 def _union_topk(table: pa.Table, k_per_label: Dict[int, int]) -> np.ndarray:
@@ -75,9 +80,9 @@ def block_filter_candidates(table: pa.Table, k_per_label: Dict[int, int], seed: 
     """One block: its candidate rows for both draws with PICK and DRAW, and the block's rows and
     passing rows per label in _N_ROWS / _N_PASS on the label's first kept row (0 elsewhere), so
     the counts survive the per-block cut and sum to the stage's."""
-    u = uniform_hash(table.column(ROW_ID).to_numpy(), seed)
-    pick = filter_key(table.column(score_col).to_numpy(), table.column(ROW_ID).to_numpy(), seed)
-    passed = pick >= 1.0
+    u = uniform_hash(table.column(ROW_ID).to_numpy(), seed)  # hashed once: DRAW, and PICK = filter_key
+    passed = passes_filter(table.column(score_col).to_numpy())
+    pick = u + passed
     keyed = table.append_column(PICK, pa.array(pick, pa.float64())).append_column(DRAW, pa.array(u, pa.float64()))
     keep = _union_topk(keyed, k_per_label)
     labels = np.rint(np.asarray(table.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
