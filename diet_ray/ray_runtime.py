@@ -29,13 +29,13 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
     kwargs = dict(
-        runtime_env={"env_vars": _worker_env_vars()},
+        runtime_env={"env_vars": _worker_env_vars(local=not address)},
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.WARNING,
         configure_logging=True,
     )
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
         with loopback_only() if _gcs_on_loopback_only(address) else contextlib.nullcontext():
@@ -117,10 +117,18 @@ def _gcs_on_loopback_only(address: str) -> bool:
         return True
 
 
-def _worker_env_vars() -> dict:
+# Ray Train 2.60 starts a PreemptionWatcher actor (a process importing Ray Train, ~3.5 CPU-s)
+# for every fit, to notice spot nodes being drained. A local runtime has no such nodes: off
+# there unless the user set it; on a cluster Ray's default stands.
+_PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def _worker_env_vars(local: bool = False) -> dict:
     """Env vars workers need; keys a submitted job's runtime_env already sets are left out,
     because Ray refuses to merge a driver runtime_env that repeats a job's env var keys."""
     env_vars = {k: os.environ[k] for k in _ENV}
+    if local:
+        env_vars[_PREEMPTION_WATCHER] = os.environ.get(_PREEMPTION_WATCHER, "0")
     for k in ("AWS_ENDPOINT_URL", "DIET_RAY_S3_ENDPOINT", "DIET_RAY_FAULT"):
         if k in os.environ:
             env_vars[k] = os.environ[k]

@@ -17,6 +17,25 @@ def test_worker_env_skips_keys_a_submitted_job_sets(monkeypatch):
     assert env["RAY_USAGE_STATS_ENABLED"] == "0"
 
 
+def test_a_local_runtime_starts_no_preemption_watcher_unless_asked(monkeypatch):
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    assert ray_runtime._worker_env_vars(local=True)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in ray_runtime._worker_env_vars(local=False)  # a cluster: Ray's default
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert ray_runtime._worker_env_vars(local=True)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+def test_the_session_runtime_passes_the_watcher_switch_to_its_actors(ray_local):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def seen():
+        return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
+    assert ray.get(seen.remote()) == os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
 def test_cpu_share_leaves_a_cpu_for_ray_data(monkeypatch):
     monkeypatch.setattr(ray_runtime, "cluster_cpus", lambda: 2.0)
     assert ray_runtime.cpu_share(2) == 0.5
