@@ -93,7 +93,7 @@ class RunConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # None: local ray.init; "auto" or ray://...: existing cluster
-    num_workers: int = 2
+    num_workers: int = 2  # 0: the bi-level loop runs in the driver (Ray Train's local mode)
     use_gpu: bool = False
     num_cpus: Optional[int] = None  # local mode only; None = all cores
     max_failures: int = 1  # Ray Train FailureConfig
@@ -438,8 +438,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"distill.unroll={cfg.distill.unroll} must be in [1, distill.inner_steps={cfg.distill.inner_steps}]"
         )
-    if cfg.ray.num_workers < 1:
-        raise ConfigError("ray.num_workers must be >= 1")
+    if cfg.ray.num_workers < 0:
+        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} must be >= 1, or 0 to run the bi-level step in the driver")
     for v in cfg.evaluate.variants:
         one_of("evaluate.variants[]", v, ("full", "memory"))
     for v in cfg.bench.variants:

@@ -52,3 +52,42 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
     assert torch.equal(merged.logits[frozen], mem.logits[frozen])
     assert set(merged.updated_stage[refine].tolist()) == {stage}
     assert [len(s) for s in out.shards] == [len(a) for a in shard_assignment(len(mem), 2)]
+
+
+def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(ray_local, tmp_path):
+    """``ray.num_workers=0``: Ray Train's local mode runs the same loop in the driver."""
+    import glob
+    import tempfile
+
+    import ray
+
+    stage, steps = 1, 3
+    distill = dataclasses.replace(CFG, outer_steps=steps, real_loss_weight=0.0, real_batch=32)
+    cfg = Config(seed=5, distill=distill, ray=RayConfig(num_workers=0))
+    cfg.expert.model = dict(MODEL)
+    fmap = tiny_fmap()
+    model, states, mem, _ = tiny_problem(slots=24)
+    checkpoints = [ExpertCheckpoint(i, 0.02 if i else 0.0, s) for i, s in enumerate(states)]
+    rows = tiny_rows(256, seed=7)
+    table = pa.table({"_label": rows.label, "a": rows.cat[:, 0], "b": rows.cat[:, 1], "x": rows.num[:, 0]})
+    refine = np.arange(0, 24, 3)
+    left = lambda: set(glob.glob(f"{tempfile.gettempdir()}/diet-ray-bilevel-*"))  # noqa: E731
+    before_dirs, threads = left(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = fit_stage(mem, refine, checkpoints, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"))
+        assert torch.get_num_threads() == 2  # the loop's own thread count did not stay behind
+    finally:
+        torch.set_num_threads(threads)
+    assert out.metrics["in_process"] is True and out.metrics["workers"] == 0 and out.metrics["outer_step"] == steps
+    assert len(out.shards) == 1 and left() == before_dirs
+    assert not (tmp_path / "run" / "ray_train" / f"stage-{stage:04d}").exists()  # nothing for a restart to read
+
+    single = ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(len(mem)), refine), distill,
+                            seed=derive_seed(cfg.seed, "bilevel"), stage=stage)
+    for _ in range(steps):
+        single.outer_step(None)
+    ref = single.update().apply_to(mem)
+    for name in ("logits", "numeric", "label_logit", "weight_param"):
+        torch.testing.assert_close(getattr(out.shards[0], name), getattr(ref, name), rtol=1e-4, atol=1e-5)
+    assert not torch.equal(out.shards[0].logits[refine], mem.logits[refine])  # it did refine

@@ -667,7 +667,7 @@ class ShardDistiller:
             "leaves": [t.detach().cpu().clone() for t in self.leaves],
             "log_lr": None if self.log_lr is None else self.log_lr.detach().cpu().clone(),
             "opt": copy.deepcopy(self.opt.state_dict()),
-            "index": torch.as_tensor(self.shard_index),
+            "index": torch.from_numpy(self.shard_index.copy()),  # the shard may be a read-only object-store view
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:

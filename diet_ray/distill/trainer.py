@@ -8,11 +8,19 @@ Shards are an assignment (``shard_assignment``), not an identity: the next stage
 another number of workers. A stage's Ray Train directory (``run_dir/ray_train/stage-NNNN``)
 is removed before its fit: it belongs to an attempt that was never committed, and its
 checkpoints may hold another shard assignment.
+
+``ray.num_workers=0`` runs the same loop in the driver through Ray Train's local mode
+(``ScalingConfig(num_workers=0)``): one shard, no worker, controller or data-split actors, and
+no mid-stage restart (a stage that fails is rerun whole on resume, as any uncommitted stage is).
+That saves Ray Train's per-stage start-up (about 35 CPU-seconds of actor processes on a 2-core
+machine) and is meant for development and single-machine benches.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
@@ -76,13 +84,13 @@ def fit_stage(
     save_every: int = 10,
 ) -> BilevelResult:
     """Refine the slots at ``refine_idx`` with ``cfg.ray.num_workers`` Train workers reading
-    ``dataset`` (the stage's rows). Returns the updated shards and rank 0's final metrics."""
+    ``dataset`` (the stage's rows), or in the driver when it is 0. Returns the updated shards
+    and rank 0's final metrics."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     workers = int(cfg.ray.num_workers)
-    assignment = shard_assignment(len(memory), workers)
+    in_process = workers == 0
+    assignment = shard_assignment(len(memory), max(1, workers))
     refine_idx = np.asarray(refine_idx, dtype=np.int64)
     if len(refine_idx) == 0 or cfg.distill.outer_steps == 0 or len(checkpoints) < 2:
         log.info("stage %d: nothing to refine; bi-level step skipped", stage)
@@ -96,7 +104,7 @@ def fit_stage(
     spec = fmap.input_spec()
     # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
     # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).
-    cpus = cpu_share(workers, reserve=1.0)
+    cpus = cpu_share(max(1, workers), reserve=1.0)
     config = {
         "shards": shard_refs,
         "trajectory": trajectory_ref,
@@ -113,14 +121,34 @@ def fit_stage(
         "save_every": int(save_every),
         "torch_threads": torch_threads(cpus),
         "fault": os.environ.get(FAULT_ENV, ""),
+        "local_dir": None,
     }
     storage_path, storage_fs = _storage(run_dir)
     name = f"stage-{stage:04d}"
     fs.remove(fs.join(ray_train_dir(run_dir), name))
+    threads = torch.get_num_threads()
+    if in_process:
+        # Local mode keeps a reported checkpoint as the directory it names: the loop writes its
+        # final shard here (its own temporary dir would be gone), and this function removes it.
+        config["local_dir"] = tempfile.mkdtemp(prefix="diet-ray-bilevel-")
+    try:
+        result = _fit(train_loop_per_worker, config, cfg, workers, cpus, dataset, name, storage_path, storage_fs)
+        return _gather(result, memory, assignment, refine_idx, stage, storage_path, name, workers, cpus, t0)
+    finally:
+        if in_process:
+            torch.set_num_threads(threads)  # the loop set the driver's own thread count
+            shutil.rmtree(config["local_dir"], ignore_errors=True)
+
+
+def _fit(loop, config, cfg: Config, workers: int, cpus: float, dataset, name: str, storage_path: str, storage_fs):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.use_gpu), resources_per_worker={"CPU": cpus}),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.use_gpu),
+                                     resources_per_worker={"CPU": cpus} if workers else None),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         datasets={"real": dataset},
         run_config=RunConfig(
@@ -131,14 +159,19 @@ def fit_stage(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    return trainer.fit()
+
+
+def _gather(result, memory: SlotMemory, assignment, refine_idx, stage: int, storage_path: str, name: str,
+            workers: int, cpus: float, t0: float) -> BilevelResult:
+    """The updated memory from the fit's final checkpoint (one shard file per rank)."""
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RunStateError(f"stage {stage}: the bi-level job reported no checkpoint under {storage_path}/{name}")
     updated = memory.detached()
     with result.checkpoint.as_directory() as d:
-        for rank in range(workers):
+        for rank in range(len(assignment)):
             path = os.path.join(d, shard_file(rank))
             if not os.path.exists(path):
                 raise RunStateError(f"{path}: worker {rank} reported no shard; the bi-level job did not finish")
@@ -151,4 +184,6 @@ def fit_stage(
         "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s",
         "inner_optimizer", "momentum_share")}
     metrics.update({"workers": workers, "cpus_per_worker": cpus, "fit_s": time.perf_counter() - t0})
+    if not workers:
+        metrics["in_process"] = True
     return BilevelResult([updated.take(a) for a in assignment], metrics)

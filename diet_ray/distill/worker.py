@@ -10,7 +10,9 @@ worker group restarted by ``FailureConfig`` continues where it stopped.
 per rank), ``trajectory`` (the expert's checkpoint state dicts) and ``optim_states`` (the
 expert optimiser's state per checkpoint, or None), plus ``model`` (candidate
 dict), ``vocab_sizes``, ``num_numeric``, ``cat_names``, ``num_names``, ``distill`` (DistillConfig
-as a dict), ``temperature``, ``seed``, ``stage``, ``save_every``, ``torch_threads``, ``fault``.
+as a dict), ``temperature``, ``seed``, ``stage``, ``save_every``, ``torch_threads``, ``fault``,
+``local_dir`` (set in Ray Train's local mode only: the loop runs in the driver, reports no
+progress checkpoints, since nothing would restart it, and writes its final shard there).
 """
 from __future__ import annotations
 
@@ -141,14 +143,17 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         start_loss = distiller.evaluate(eval_real)
 
     save_every = max(1, int(config.get("save_every", 10)))
+    # A worker's INFO lines go to its Ray log; in the driver (local mode) they would join the
+    # console's one line per stage, so there they are DEBUG.
+    progress = log.debug if config.get("local_dir") else log.info
     losses: List[float] = []
     while distiller.step < cfg.outer_steps:
         _maybe_fail(str(config.get("fault") or ""), stage, distiller.step, rank)
         batch = real[(distiller.step + 1) % len(real)] if real else None
         losses.append(distiller.outer_step(batch))
         if rank == 0 and (distiller.step % save_every == 0 or distiller.step == cfg.outer_steps):
-            log.info("stage %d: outer step %d/%d loss %.4f", stage, distiller.step, cfg.outer_steps, losses[-1])
-        if distiller.step % save_every == 0 and distiller.step < cfg.outer_steps:
+            progress("stage %d: outer step %d/%d loss %.4f", stage, distiller.step, cfg.outer_steps, losses[-1])
+        if distiller.step % save_every == 0 and distiller.step < cfg.outer_steps and not config.get("local_dir"):
             _report(distiller, rank, start_loss, {"outer_step": distiller.step, "outer_loss": losses[-1]}, final=False)
     end_loss = distiller.evaluate(eval_real)
     metrics = {
@@ -163,14 +168,17 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         "loop_s": time.perf_counter() - t0,
         "world_size": world,
     }
-    _report(distiller, rank, start_loss, metrics, final=True)
+    _report(distiller, rank, start_loss, metrics, final=True, local_dir=config.get("local_dir"))
 
 
-def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool) -> None:
+def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool,
+            local_dir: Optional[str] = None) -> None:
+    import contextlib
+
     import ray.train
     from ray.train import Checkpoint
 
-    with tempfile.TemporaryDirectory() as d:
+    with contextlib.nullcontext(local_dir) if local_dir else tempfile.TemporaryDirectory() as d:
         torch.save({"distiller": distiller.state_dict(), "outer_loss_start": start_loss}, os.path.join(d, progress_file(rank)))
         if final:
             u = distiller.update()
