@@ -120,9 +120,13 @@ def test_scoring_actors_dying_past_their_retries_fail_the_stage_in_one_line(ray_
 
 @pytest.fixture(scope="module")
 def reference_run(ray_local, tmp_path_factory) -> str:
-    """The same tiny run without any fault: what every faulted run must commit."""
+    """The same tiny run without any fault: what every faulted run must commit. It runs the
+    bi-level step in the driver (``ray.num_workers=0``, the same memory as one Train worker),
+    so the faulted runs on a Train worker are also checked against the in-process path."""
     run_dir = tmp_path_factory.mktemp("faults") / "reference"
-    out = run(tiny_cfg(run_dir))
+    cfg = tiny_cfg(run_dir)
+    cfg.ray.num_workers = 0
+    out = run(cfg)
     assert out["new_stages"] == [0, 1]
     return str(run_dir)
 
