@@ -18,18 +18,32 @@ from diet_ray.memory.commit import shard_assignment, validate_shards
 from test_bilevel import CFG, MODEL, tiny_fmap, tiny_problem, tiny_rows
 
 
-def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local, tmp_path, monkeypatch):
-    import ray
-
-    stage, steps = 1, 4
+def _problem(steps: int, ray_cfg: RayConfig):
+    """A tiny stage: (cfg, fmap, model, expert states, memory, checkpoints, the stage's rows)."""
     distill = dataclasses.replace(CFG, outer_steps=steps, real_loss_weight=0.0, real_batch=32)
-    cfg = Config(seed=5, distill=distill, ray=RayConfig(num_workers=2, max_failures=1))
+    cfg = Config(seed=5, distill=distill, ray=ray_cfg)
     cfg.expert.model = dict(MODEL)
-    fmap = tiny_fmap()
     model, states, mem, _ = tiny_problem(slots=24)
     checkpoints = [ExpertCheckpoint(i, 0.02 if i else 0.0, s) for i, s in enumerate(states)]
     rows = tiny_rows(256, seed=7)
     table = pa.table({"_label": rows.label, "a": rows.cat[:, 0], "b": rows.cat[:, 1], "x": rows.num[:, 0]})
+    return cfg, tiny_fmap(), model, states, mem, checkpoints, table
+
+
+def _one_process(model, states, mem, refine, cfg: Config, stage: int):
+    """The single-process reference: same seeds, the whole memory in one shard."""
+    single = ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(len(mem)), refine), cfg.distill,
+                            seed=derive_seed(cfg.seed, "bilevel"), stage=stage)
+    for _ in range(cfg.distill.outer_steps):
+        single.outer_step(None)
+    return single.update().apply_to(mem)
+
+
+def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local, tmp_path, monkeypatch):
+    import ray
+
+    stage, steps = 1, 4
+    cfg, fmap, model, states, mem, checkpoints, table = _problem(steps, RayConfig(num_workers=2, max_failures=1))
     refine = np.arange(1, 24, 2)
 
     flag = tmp_path / "failed-once"
@@ -40,12 +54,7 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
     assert out.metrics["outer_loss_end"] < out.metrics["outer_loss_start"]
 
     merged = validate_shards(out.shards, len(mem), fmap, 0.3, 1.0)
-    # The single-process reference: same seeds, the whole memory in one shard.
-    single = ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(len(mem)), refine), distill,
-                            seed=derive_seed(cfg.seed, "bilevel"), stage=stage)
-    for _ in range(steps):
-        single.outer_step(None)
-    ref = single.update().apply_to(mem)
+    ref = _one_process(model, states, mem, refine, cfg, stage)
     for name in ("logits", "numeric", "label_logit", "weight_param"):
         torch.testing.assert_close(getattr(merged, name), getattr(ref, name), rtol=1e-4, atol=1e-5)
     frozen = np.setdiff1d(np.arange(len(mem)), refine)
@@ -62,14 +71,7 @@ def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(r
     import ray
 
     stage, steps = 1, 3
-    distill = dataclasses.replace(CFG, outer_steps=steps, real_loss_weight=0.0, real_batch=32)
-    cfg = Config(seed=5, distill=distill, ray=RayConfig(num_workers=0))
-    cfg.expert.model = dict(MODEL)
-    fmap = tiny_fmap()
-    model, states, mem, _ = tiny_problem(slots=24)
-    checkpoints = [ExpertCheckpoint(i, 0.02 if i else 0.0, s) for i, s in enumerate(states)]
-    rows = tiny_rows(256, seed=7)
-    table = pa.table({"_label": rows.label, "a": rows.cat[:, 0], "b": rows.cat[:, 1], "x": rows.num[:, 0]})
+    cfg, fmap, model, states, mem, checkpoints, table = _problem(steps, RayConfig(num_workers=0))
     refine = np.arange(0, 24, 3)
     left = lambda: set(glob.glob(f"{tempfile.gettempdir()}/diet-ray-bilevel-*"))  # noqa: E731
     before_dirs, threads = left(), torch.get_num_threads()
@@ -83,11 +85,7 @@ def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(r
     assert len(out.shards) == 1 and left() == before_dirs
     assert not (tmp_path / "run" / "ray_train" / f"stage-{stage:04d}").exists()  # nothing for a restart to read
 
-    single = ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(len(mem)), refine), distill,
-                            seed=derive_seed(cfg.seed, "bilevel"), stage=stage)
-    for _ in range(steps):
-        single.outer_step(None)
-    ref = single.update().apply_to(mem)
+    ref = _one_process(model, states, mem, refine, cfg, stage)
     for name in ("logits", "numeric", "label_logit", "weight_param"):
         torch.testing.assert_close(getattr(out.shards[0], name), getattr(ref, name), rtol=1e-4, atol=1e-5)
     assert not torch.equal(out.shards[0].logits[refine], mem.logits[refine])  # it did refine
