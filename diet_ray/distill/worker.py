@@ -16,6 +16,7 @@ progress checkpoints, since nothing would restart it, and writes its final shard
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -173,8 +174,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
 def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool,
             local_dir: Optional[str] = None) -> None:
-    import contextlib
-
     import ray.train
     from ray.train import Checkpoint
 
