@@ -126,8 +126,8 @@ def fit_stage(
     storage_path, storage_fs = _storage(run_dir)
     name = f"stage-{stage:04d}"
     fs.remove(fs.join(ray_train_dir(run_dir), name))
-    threads = torch.get_num_threads()
     if in_process:
+        threads = torch.get_num_threads()
         # Local mode keeps a reported checkpoint as the directory it names: the loop writes its
         # final shard here (its own temporary dir would be gone), and this function removes it.
         config["local_dir"] = tempfile.mkdtemp(prefix="diet-ray-bilevel-")

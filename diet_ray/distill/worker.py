@@ -144,9 +144,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         start_loss = distiller.evaluate(eval_real)
 
     save_every = max(1, int(config.get("save_every", 10)))
+    local_dir = config.get("local_dir")  # set in Ray Train's local mode only
     # A worker's INFO lines go to its Ray log; in the driver (local mode) they would join the
     # console's one line per stage, so there they are DEBUG.
-    progress = log.debug if config.get("local_dir") else log.info
+    progress = log.debug if local_dir else log.info
     losses: List[float] = []
     while distiller.step < cfg.outer_steps:
         _maybe_fail(str(config.get("fault") or ""), stage, distiller.step, rank)
@@ -154,7 +155,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         losses.append(distiller.outer_step(batch))
         if rank == 0 and (distiller.step % save_every == 0 or distiller.step == cfg.outer_steps):
             progress("stage %d: outer step %d/%d loss %.4f", stage, distiller.step, cfg.outer_steps, losses[-1])
-        if distiller.step % save_every == 0 and distiller.step < cfg.outer_steps and not config.get("local_dir"):
+        if distiller.step % save_every == 0 and distiller.step < cfg.outer_steps and not local_dir:
             _report(distiller, rank, start_loss, {"outer_step": distiller.step, "outer_loss": losses[-1]}, final=False)
     end_loss = distiller.evaluate(eval_real)
     metrics = {
@@ -169,7 +170,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         "loop_s": time.perf_counter() - t0,
         "world_size": world,
     }
-    _report(distiller, rank, start_loss, metrics, final=True, local_dir=config.get("local_dir"))
+    _report(distiller, rank, start_loss, metrics, final=True, local_dir=local_dir)
 
 
 def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool,
@@ -178,7 +179,8 @@ def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Di
     from ray.train import Checkpoint
 
     with contextlib.nullcontext(local_dir) if local_dir else tempfile.TemporaryDirectory() as d:
-        torch.save({"distiller": distiller.state_dict(), "outer_loss_start": start_loss}, os.path.join(d, progress_file(rank)))
+        if not local_dir:  # progress is for a restarted worker; nothing restarts the local loop
+            torch.save({"distiller": distiller.state_dict(), "outer_loss_start": start_loss}, os.path.join(d, progress_file(rank)))
         if final:
             u = distiller.update()
             torch.save(
