@@ -133,7 +133,7 @@ class ExpertConfig:
 @dataclass
 class InfluenceConfig:
     estimator: str = "tracin"  # tracin | grad_norm | loss | random
-    num_actors: int = 2
+    num_actors: int = 2  # 0: each stage is scored in the driver (no actor pool)
     gpus_per_actor: float = 0.0
     batch_size: int = 8192  # rows per Ray Data batch handed to an actor
     micro_batch: int = 2048  # rows per vmap call (bounds memory)
@@ -438,6 +438,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"distill.unroll={cfg.distill.unroll} must be in [1, distill.inner_steps={cfg.distill.inner_steps}]"
         )
+    if cfg.influence.num_actors < 0:
+        raise ConfigError(f"influence.num_actors={cfg.influence.num_actors} must be >= 1, or 0 to score each stage in the driver")
     if cfg.ray.num_workers < 0:
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} must be >= 1, or 0 to run the bi-level step in the driver")
     for v in cfg.evaluate.variants:

@@ -54,6 +54,10 @@ def test_enum_and_range_validation():
         C.load_config(None, ["distill.unroll=50"])
     with pytest.raises(ConfigError, match="memory.ratio"):
         C.load_config(None, ["memory.ratio=2.0"])
+    for key in ("influence.num_actors", "ray.num_workers"):  # 0 is the driver; below it is nothing
+        assert getattr(getattr(C.load_config(None, [f"{key}=0"]), key.split(".")[0]), key.split(".")[1]) == 0
+        with pytest.raises(ConfigError, match=f"{key}=-1 must be >= 1, or 0"):
+            C.load_config(None, [f"{key}=-1"])
 
 
 def test_config_hash_tracks_only_result_keys():

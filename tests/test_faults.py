@@ -131,6 +131,23 @@ def reference_run(ray_local, tmp_path_factory) -> str:
     return str(run_dir)
 
 
+def test_scoring_in_the_driver_commits_what_the_actor_pool_does(ray_local, tmp_path):
+    """``influence.num_actors=0`` scores each stage in the driver and picks the new slots' rows
+    from one table: the committed memory is byte for byte the actor pool's (the default
+    influence filter, so the scores' signs and the per-label shares decide the same way)."""
+    base = [o for o in TINY if not o.startswith(("memory.init", "ray.num_workers"))]
+    runs = {}
+    for actors in (0, 1):
+        runs[actors] = str(tmp_path / f"actors{actors}")
+        cfg = load_config(None, [*base, "ray.num_workers=0", "memory.init=influence_filter",
+                                 f"influence.num_actors={actors}", f"run.dir={runs[actors]}"])
+        assert run(cfg)["new_stages"] == [0, 1]
+    for stage in (0, 1):
+        assert_same_memory(runs[0], runs[1], stage)
+    lines = [json.loads(l) for l in open(fs.join(runs[0], RESULTS_FILE)) if '"kind": "stage"' in l]
+    assert all(l["init_filter"] for l in lines)  # the filter really ran on the in-driver scores
+
+
 def _start_driver(run_dir: Path, log_path: Path, fault: str = "") -> subprocess.Popen:
     """``diet-ray run`` as a separate driver joined to the session's Ray, in its own process
     group so the test can SIGKILL it (and only it)."""

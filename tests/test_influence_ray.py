@@ -78,4 +78,12 @@ def test_influence_verb_writes_scores_summary_and_plot(ray_local, tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["top10_row_ids"][0] == scores.column("_row_id").to_numpy()[np.argmax(scores.column("influence").to_numpy())]
     assert (tmp_path / "run" / "report" / "influence_stage=0001.png").stat().st_size > 1000
+
+    # influence.num_actors=0: the driver scores the stage itself, to the same file.
+    cfg.influence.num_actors, cfg.run.dir = 0, str(tmp_path / "driver")
+    assert influence_stage(cfg, 1)["rows"] == 2000
+    mine = pq.read_table(str(tmp_path / "driver" / "influence" / "stage=0001" / "scores.parquet"))
+    assert mine.column("_row_id").to_pylist() == scores.column("_row_id").to_pylist()
+    want = scores.column("influence").to_numpy()
+    np.testing.assert_allclose(mine.column("influence").to_numpy(), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
     assert (tmp_path / "run" / "expert" / "stage=0000" / "meta.json").exists()  # stages 0..N trained in order

@@ -9,7 +9,7 @@ import torch
 from diet_ray.config import ExpertConfig, MemoryConfig
 from diet_ray.distill.expert import StreamExpert
 from diet_ray.distill.pipeline import expert_teacher
-from diet_ray.influence.topk import filter_key, table_topk, uniform_hash
+from diet_ray.influence.topk import filter_key, table_filter_topk, table_topk, uniform_hash
 from diet_ray.memory.addressing import expected_positives, plan_stage
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
@@ -121,6 +121,12 @@ def test_filter_applies_per_label_only_where_a_real_share_passes(ray_local):
     top0, stats0 = streaming_filter_topk(ds, want, seed=9, min_share=0.0)
     assert stats0[1]["filtered"] and stats0[0]["filtered"]
     assert top0.column("_row_id").to_pylist() == table_topk(add_filter_key(t, 9), want, "pick").column("_row_id").to_pylist()
+    # The in-driver form (influence.num_actors=0) over the table held whole: the same rows, ranks and stats.
+    for share, (streamed, streamed_stats) in ((0.05, (top, stats)), (0.0, (top0, stats0))):
+        whole, whole_stats = table_filter_topk(t, want, seed=9, min_share=share)
+        assert whole_stats == streamed_stats
+        assert whole.column("_row_id").to_pylist() == streamed.column("_row_id").to_pylist()
+        assert whole.column("pick").to_pylist() == streamed.column("pick").to_pylist()
 
 
 def test_filter_candidates_counts_survive_the_block_cut():

@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from diet_ray.config import Config, config_hash, derive_seed
@@ -82,18 +83,25 @@ def _select_rows(
             picked.append(rng.permutation(idx)[:k])
         idx = np.concatenate(picked).astype(np.int64)
         return rows.take(rng.permutation(idx)), None, {}
-    from diet_ray.influence.ray_scoring import score_stage
-    from diet_ray.influence.topk import PICK, streaming_filter_topk, streaming_topk
+    from diet_ray.influence.topk import PICK, streaming_filter_topk, streaming_topk, table_filter_topk, table_topk
 
-    scored = score_stage(
-        store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
-        es.ref_rows.batch(), store.fmap, cfg.influence, derive_seed(cfg.seed, "influence", stage),
-        use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0,
-    )
+    seed = derive_seed(cfg.seed, "influence", stage)
+    in_driver = int(cfg.influence.num_actors) == 0
+    if in_driver:  # the rows are in memory already: scored here, picked from one table
+        scored = _scored_in_driver(rows, es, store.fmap, cfg, seed)
+        filter_topk, topk = table_filter_topk, table_topk
+    else:
+        from diet_ray.influence.ray_scoring import score_stage
+
+        scored = score_stage(
+            store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
+            es.ref_rows.batch(), store.fmap, cfg.influence, seed,
+            use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0,
+        )
+        filter_topk, topk = streaming_filter_topk, streaming_topk
     info: Dict[str, Any] = {}
     if cfg.memory.init == "influence_filter":
-        top, stats = streaming_filter_topk(scored, want, derive_seed(cfg.seed, "filter-init", stage),
-                                           float(cfg.memory.filter_min_share))
+        top, stats = filter_topk(scored, want, derive_seed(cfg.seed, "filter-init", stage), float(cfg.memory.filter_min_share))
         info["init_filter"] = {("pos" if label == 1 else "neg"): st for label, st in stats.items()}
         for label, st in stats.items():  # debug: the console keeps one line per stage; the results line has it
             if not st["filtered"] and st["rows"]:
@@ -101,12 +109,27 @@ def _select_rows(
                           "their new slots are drawn uniformly", stage, 100 * st["share"], "positive" if label == 1 else "negative",
                           cfg.memory.filter_min_share)
     else:
-        top = streaming_topk(scored, want)
-    selected = EncodedRows.from_table(top, store.fmap)
+        top = topk(scored, want)
+    selected = rows.take(top.column(ROW_POS).to_numpy()) if in_driver else EncodedRows.from_table(top, store.fmap)
     scores = top.column("influence").to_numpy().astype(np.float64)
     rank = top.column(PICK).to_numpy() if PICK in top.column_names else scores
     order = np.lexsort((selected.row_id, -rank))  # best-ranked first across both labels
     return selected.take(order), scores[order], info
+
+
+ROW_POS = "_pos"  # a row's position in the stage's EncodedRows (the in-driver scored table)
+
+
+def _scored_in_driver(rows: EncodedRows, es: ExpertStage, fmap: FeatureMap, cfg: Config, seed: int) -> pa.Table:
+    """``influence.num_actors=0``: the stage's rows scored by the driver (micro-batched, the
+    same scorer and seed as the actors), as the table the selection reads: ``_row_id``,
+    ``_label``, ``influence`` and the row's position."""
+    from diet_ray.influence.scorer import InfluenceScorer
+    from diet_ray.models import build_model
+
+    model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=0)
+    scores = InfluenceScorer(model, es.checkpoints, es.ref_rows.batch(), cfg.influence, seed).score(rows.batch(), row_ids=rows.row_id)
+    return pa.table({"_row_id": rows.row_id, "_label": rows.label, "influence": scores, ROW_POS: np.arange(len(rows), dtype=np.int64)})
 
 
 def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Callable[[Any], torch.Tensor]:

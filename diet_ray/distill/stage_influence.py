@@ -96,15 +96,26 @@ def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str,
     es = expert.train_through(store, stage)
     expert_s = time.perf_counter() - t0
 
-    init_ray(cfg.ray, verbose)
+    seed = derive_seed(cfg.seed, "influence", stage)
     t0 = time.perf_counter()
-    scored = score_stage(
-        store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints, es.ref_rows.batch(),
-        store.fmap, cfg.influence, derive_seed(cfg.seed, "influence", stage), use_gpu=bool(cfg.ray.use_gpu),
-    ).select_columns(["_row_id", "_label", "influence"])
-    # Streamed to the driver three columns at a time (24 bytes a row), never the whole stage.
-    parts = [b for b in scored.iter_batches(batch_format="pyarrow", batch_size=None)]
-    table = pa.concat_tables(parts).sort_by("_row_id") if parts else pa.table({"_row_id": [], "_label": [], "influence": []})
+    if int(cfg.influence.num_actors) == 0:  # in the driver: the stage is read whole
+        from diet_ray.influence.scorer import InfluenceScorer
+        from diet_ray.models import build_model
+
+        rows = store.read_stage(stage)
+        model = build_model(dict(cfg.expert.model), store.fmap.input_spec(), seed=0)
+        scores = InfluenceScorer(model, es.checkpoints, es.ref_rows.batch(), cfg.influence, seed).score(rows.batch(), row_ids=rows.row_id)
+        table = pa.table({"_row_id": rows.row_id, "_label": rows.label, "influence": scores}).sort_by("_row_id")
+    else:
+        init_ray(cfg.ray, verbose)
+        t0 = time.perf_counter()
+        scored = score_stage(
+            store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints, es.ref_rows.batch(),
+            store.fmap, cfg.influence, seed, use_gpu=bool(cfg.ray.use_gpu),
+        ).select_columns(["_row_id", "_label", "influence"])
+        # Streamed to the driver three columns at a time (24 bytes a row), never the whole stage.
+        parts = [b for b in scored.iter_batches(batch_format="pyarrow", batch_size=None)]
+        table = pa.concat_tables(parts).sort_by("_row_id") if parts else pa.table({"_row_id": [], "_label": [], "influence": []})
     score_s = time.perf_counter() - t0
 
     out = influence_dir(run_dir, stage)

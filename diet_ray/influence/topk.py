@@ -18,7 +18,7 @@ stage was split into blocks.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -102,6 +102,18 @@ def table_topk(table: pa.Table, k_per_label: Dict[int, int], score_col: str = "i
     return table.take(pa.array(idx, type=pa.int64()))
 
 
+def merge_topk(parts: Iterable[pa.Table], k_per_label: Dict[int, int], score_col: str = "influence") -> Optional[pa.Table]:
+    """Running merge of per-block top-k tables: never more than k + one block's top-k rows
+    held (None: no rows)."""
+    best: Optional[pa.Table] = None
+    for part in parts:
+        if part.num_rows == 0:
+            continue
+        merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
+        best = table_topk(merged, k_per_label, score_col)
+    return best
+
+
 def streaming_topk(ds, k_per_label: Dict[int, int], score_col: str = "influence") -> pa.Table:
     """The winning rows with all their columns, sorted by score desc within each label."""
     k_per_label = {int(k): int(v) for k, v in k_per_label.items()}
@@ -113,12 +125,7 @@ def streaming_topk(ds, k_per_label: Dict[int, int], score_col: str = "influence"
         zero_copy_batch=True,
         num_cpus=0.25,  # cheap; must not wait for a whole CPU while scoring actors hold theirs
     )
-    best: Optional[pa.Table] = None
-    for part in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
-        if part.num_rows == 0:
-            continue
-        merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
-        best = table_topk(merged, k_per_label, score_col)
+    best = merge_topk(per_block.iter_batches(batch_format="pyarrow", batch_size=None), k_per_label, score_col)
     return _empty(per_block, score_col) if best is None else best
 
 
@@ -126,6 +133,38 @@ def _empty(ds, score_col: str) -> pa.Table:
     """No rows at all: an empty table with the dataset's columns (or the two that matter)."""
     base = getattr(ds.schema(), "base_schema", None)
     return base.empty_table() if isinstance(base, pa.Schema) else pa.table({LABEL: pa.array([], pa.float32()), score_col: pa.array([], pa.float64())})
+
+
+def merge_filter_candidates(parts: Iterable[pa.Table], k_per_label: Dict[int, int], min_share: float
+                            ) -> tuple[Optional[pa.Table], Dict[int, Dict[str, float]]]:
+    """The filter's final pick from ``block_filter_candidates`` tables (one per block, merged as
+    they come): ``(rows ranked within each label, or None for no rows, per-label stats)``."""
+    rows = {label: 0 for label in k_per_label}
+    passed = {label: 0 for label in k_per_label}
+    best: Optional[pa.Table] = None
+    for part in parts:
+        if part.num_rows == 0:
+            continue
+        labels = np.rint(np.asarray(part.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
+        n_rows, n_pass = part.column(_N_ROWS).to_numpy(), part.column(_N_PASS).to_numpy()
+        for label in k_per_label:
+            mine = labels == label
+            rows[label] += int(n_rows[mine].sum())
+            passed[label] += int(n_pass[mine].sum())
+        part = part.drop_columns([_N_ROWS, _N_PASS])
+        merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
+        best = merged.take(pa.array(_union_topk(merged, k_per_label), type=pa.int64()))
+    stats: Dict[int, Dict[str, float]] = {}
+    for label in k_per_label:
+        share = passed[label] / rows[label] if rows[label] else 0.0
+        stats[label] = {"rows": rows[label], "passed": passed[label], "share": share, "filtered": bool(rows[label]) and share >= min_share}
+    if best is None:
+        return None, stats
+    labels = np.rint(np.asarray(best.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
+    uniform = np.isin(labels, [label for label, st in stats.items() if not st["filtered"]])
+    rank = np.where(uniform, best.column(DRAW).to_numpy(), best.column(PICK).to_numpy())
+    best = best.set_column(best.column_names.index(PICK), PICK, pa.array(rank, pa.float64())).drop_columns([DRAW])
+    return table_topk(best, k_per_label, PICK), stats
 
 
 def streaming_filter_topk(ds, k_per_label: Dict[int, int], seed: int, min_share: float,
@@ -143,29 +182,16 @@ def streaming_filter_topk(ds, k_per_label: Dict[int, int], seed: int, min_share:
         zero_copy_batch=True,
         num_cpus=0.25,  # cheap, like streaming_topk's
     )
-    rows = {label: 0 for label in k_per_label}
-    passed = {label: 0 for label in k_per_label}
-    best: Optional[pa.Table] = None
-    for part in per_block.iter_batches(batch_format="pyarrow", batch_size=None):
-        if part.num_rows == 0:
-            continue
-        labels = np.rint(np.asarray(part.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
-        n_rows, n_pass = part.column(_N_ROWS).to_numpy(), part.column(_N_PASS).to_numpy()
-        for label in k_per_label:
-            mine = labels == label
-            rows[label] += int(n_rows[mine].sum())
-            passed[label] += int(n_pass[mine].sum())
-        part = part.drop_columns([_N_ROWS, _N_PASS])
-        merged = part if best is None else pa.concat_tables([best, part.select(best.column_names)])
-        best = merged.take(pa.array(_union_topk(merged, k_per_label), type=pa.int64()))
-    stats: Dict[int, Dict[str, float]] = {}
-    for label in k_per_label:
-        share = passed[label] / rows[label] if rows[label] else 0.0
-        stats[label] = {"rows": rows[label], "passed": passed[label], "share": share, "filtered": bool(rows[label]) and share >= min_share}
+    best, stats = merge_filter_candidates(per_block.iter_batches(batch_format="pyarrow", batch_size=None), k_per_label, min_share)
+    return (_empty(per_block, score_col) if best is None else best), stats
+
+
+def table_filter_topk(table: pa.Table, k_per_label: Dict[int, int], seed: int, min_share: float,
+                      score_col: str = "influence") -> tuple[pa.Table, Dict[int, Dict[str, float]]]:
+    """``streaming_filter_topk`` of a table held in memory (one block): the same rows and stats."""
+    k_per_label = {int(k): int(v) for k, v in k_per_label.items() if int(v) > 0}
+    cand = block_filter_candidates(table, k_per_label, int(seed), score_col)
+    best, stats = merge_filter_candidates([cand], k_per_label, min_share)
     if best is None:
-        return _empty(per_block, score_col), stats
-    labels = np.rint(np.asarray(best.column(LABEL).to_numpy(), dtype=np.float64)).astype(np.int64)
-    uniform = np.isin(labels, [label for label, st in stats.items() if not st["filtered"]])
-    rank = np.where(uniform, best.column(DRAW).to_numpy(), best.column(PICK).to_numpy())
-    best = best.set_column(best.column_names.index(PICK), PICK, pa.array(rank, pa.float64())).drop_columns([DRAW])
-    return table_topk(best, k_per_label, PICK), stats
+        best = cand.drop_columns([_N_ROWS, _N_PASS, DRAW])
+    return best, stats
