@@ -125,7 +125,7 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
         f"data.source={ml_small}", "data.stages.count=2", f"bench.zoo={ZOO}", "bench.seeds=1",
         "bench.budgets=[0.01,0.02]", "bench.ablations=false", "memory.ratio=0.02",
         "bench.variants=[diet,random,reservoir,recent,influence_topk,coreset]",
-        "ray.num_workers=0", "distill.outer_steps=2", "distill.inner_steps=2", "distill.unroll=1",
+        "ray.num_workers=0", "influence.num_actors=0", "distill.outer_steps=2", "distill.inner_steps=2", "distill.unroll=1",
         "evaluate.train.epochs=1", "evaluate.parallel=false",
     ]
     cfg = load_config(str(configs_dir / "movielens.yaml"), overrides)
