@@ -32,7 +32,8 @@ from diet_ray.data import fs
 from diet_ray.distill.expert import StreamExpert, rows_to_table
 from diet_ray.distill.pipeline import RESULTS_FILE, run
 from diet_ray.errors import RunStateError
-from diet_ray.influence.ray_scoring import FAULT_ENV, score_stage
+from diet_ray.faults import FAULT_ENV
+from diet_ray.influence.ray_scoring import score_stage
 from diet_ray.influence.scorer import InfluenceScorer
 from diet_ray.memory.commit import committed_stages, verify_stage
 from diet_ray.memory.slots import load_stage_memory

@@ -44,8 +44,8 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
 from diet_ray.distill.expert import ExpertStage, StreamExpert
-from diet_ray.distill.worker import FAULT_ENV
 from diet_ray.errors import RunStateError
+from diet_ray.faults import fault_spec
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
 from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
 from diet_ray.memory.recipe import stage_recipe
@@ -54,9 +54,8 @@ from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory, load_stage_memo
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
-# The driver's fault hook for the kill-resume tests, a ";"-separated part of $DIET_RAY_FAULT
-# (FAULT_ENV): "driver-kill:STAGE:FLAGFILE" SIGKILLs the driver once,
-# right after stage STAGE is committed and before its results line is written.
+# The driver's fault hook for the kill-resume tests (diet_ray.faults): SIGKILL right after a
+# stage is committed and before its results line is written.
 DRIVER_KILL_FAULT = "driver-kill:"
 
 
@@ -243,7 +242,7 @@ def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any
 
 
 def _maybe_kill_driver(stage: int) -> None:
-    for part in os.environ.get(FAULT_ENV, "").split(";"):
+    for part in fault_spec().split(";"):
         if part.startswith(DRIVER_KILL_FAULT):
             _, at, flag = part.split(":", 2)
             if int(at) == stage and not os.path.exists(flag):

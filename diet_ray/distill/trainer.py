@@ -33,7 +33,8 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.distill.bilevel import ShardUpdate, SlotShard
 from diet_ray.distill.expert import ExpertCheckpoint
-from diet_ray.distill.worker import FAULT_ENV, shard_file, train_loop_per_worker
+from diet_ray.distill.worker import shard_file, train_loop_per_worker
+from diet_ray.faults import fault_spec
 from diet_ray.errors import RunStateError
 from diet_ray.memory.commit import shard_assignment
 from diet_ray.memory.slots import SlotMemory
@@ -120,7 +121,7 @@ def fit_stage(
         "stage": int(stage),
         "save_every": int(save_every),
         "torch_threads": torch_threads(cpus),
-        "fault": os.environ.get(FAULT_ENV, ""),
+        "fault": fault_spec(),
         "local_dir": None,
     }
     storage_path, storage_fs = _storage(run_dir)

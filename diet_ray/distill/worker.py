@@ -32,9 +32,6 @@ from diet_ray.models import Batch, InputSpec, build_model
 
 log = logging.getLogger(__name__)
 
-# "bilevel[-exit]:STAGE:STEP:FLAGFILE": fail once at that outer step (resume tests); several
-# faults are joined with ";" (the driver's own hook: diet_ray.distill.pipeline).
-FAULT_ENV = "DIET_RAY_FAULT"
 
 
 def shard_file(rank: int) -> str:
@@ -83,7 +80,7 @@ def _maybe_fail(spec: str, stage: int, step: int, rank: int) -> None:
                 f.write("failed once\n")
             if mode == "bilevel-exit":
                 os._exit(1)
-            raise RuntimeError(f"injected fault at stage {stage} outer step {step} ({FAULT_ENV})")
+            raise RuntimeError(f"injected fault at stage {stage} outer step {step} (DIET_RAY_FAULT)")
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:

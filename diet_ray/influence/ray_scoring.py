@@ -18,6 +18,7 @@ import torch
 from diet_ray.config import InfluenceConfig
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.errors import ConfigError
+from diet_ray.faults import fault_spec
 from diet_ray.influence.scorer import CheckpointLike, InfluenceScorer, PreparedCheckpoints, prepare_checkpoints
 from diet_ray.models import Batch, InputSpec, build_model
 
@@ -25,9 +26,6 @@ log = logging.getLogger(__name__)
 
 SCORE_COL = "influence"
 BATCH_FORMATS = ("numpy", "pyarrow", "pandas")
-# Tests' fault hooks (";"-separated parts): "influence:BATCH:FLAGFILE": the actor exits at its
-# BATCH-th call, once; "influence-always:BATCH": every actor, restarted ones too, exits there.
-FAULT_ENV = "DIET_RAY_FAULT"
 # A dead scorer actor is restarted and its in-flight batch re-run (the stage's rows are scored
 # exactly once in the output). Bounded, unlike Ray Data's default of -1: a batch that kills
 # every actor it lands on fails the stage instead of looping forever.
@@ -110,7 +108,7 @@ class ScorerActor:
 
 
 def _maybe_die(spec: str, call: int) -> None:
-    """Fault injection for the retry tests (``spec`` = the driver's $DIET_RAY_FAULT): the actor
+    """Fault injection for the retry tests (``spec``: diet_ray.faults): the actor
     process exits at its ``BATCH``-th call unless the flag file exists (so only once), or at
     that call in every actor (more deaths than the capped restarts allow)."""
     for part in spec.split(";"):
@@ -180,7 +178,7 @@ def score_stage(
             seed=seed,
             use_gpu=res["num_gpus"] > 0,
             threads=max(1, int(res["num_cpus"])),
-            fault=os.environ.get(FAULT_ENV, ""),
+            fault=fault_spec(),
         ),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n),
         batch_size=int(cfg.batch_size),
