@@ -145,6 +145,7 @@ class InfluenceConfig:
 
 
 MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init and memory.large.init
+FILTER_CENTERS = ("raw", "label_mean")  # memory.filter_center
 LABEL_INITS = ("row", "expert")  # memory.label_init and memory.large.label_init
 
 
@@ -181,6 +182,9 @@ class MemoryConfig:
     # below, that label's rows are drawn uniformly: on MovieLens' last stage 0.42% of positives
     # pass, near-zero scores whose sign moved with the machine (README deviations). 0 = always.
     filter_min_share: float = 0.05
+    # What the filter tests for >= 0: label_mean = the influence less its label's mean over the
+    # stage (helpful beyond what any row of the label is); raw = the influence itself.
+    filter_center: str = "raw"
     # Slot label logits: expert = the stream expert's logit (clipped to +-init_logit), a soft
     # label carrying what the whole stream taught; row = +-init_logit from the row's 0/1 label.
     label_init: str = "expert"
@@ -433,6 +437,7 @@ def validate(cfg: Config) -> None:
     in_range("memory.replace_frac", cfg.memory.replace_frac, 0.0, 1.0)
     in_range("memory.refine_frac", cfg.memory.refine_frac, 0.0, 1.0)
     in_range("memory.filter_min_share", cfg.memory.filter_min_share, 0.0, 1.0)
+    one_of("memory.filter_center", cfg.memory.filter_center, FILTER_CENTERS)
     in_range("expert.holdout_frac", cfg.expert.holdout_frac, 0.01, 0.5)
     if cfg.distill.unroll < 1 or cfg.distill.unroll > cfg.distill.inner_steps:
         raise ConfigError(

@@ -1,5 +1,5 @@
 """The scoring actor pool returns exactly one score per input row, equal to the in-process
-scorer, and streaming top-k equals the in-process selection."""
+scorer, and the driver reads them back in its own row order."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,10 @@ import pytest
 
 from diet_ray.config import InfluenceConfig
 from diet_ray.distill.expert import StreamExpert, rows_to_table
-from diet_ray.influence.ray_scoring import score_stage
+from diet_ray.errors import RunStateError
+from diet_ray.influence.ray_scoring import collect_scores, score_stage, scores_in_order
 from diet_ray.influence.scorer import InfluenceScorer
-from diet_ray.influence.topk import streaming_topk, topk_numpy
+from diet_ray.influence.topk import topk_numpy
 from test_expert import CFG, stage_rows, tiny_fmap
 
 
@@ -41,19 +42,22 @@ def test_actor_pool_scores_every_row_once(ray_local, tmp_path):
     got = scored.to_pandas()
     assert len(got) == len(rows)
     assert got["_row_id"].is_unique and set(got["_row_id"]) == set(rows.row_id.tolist())
-    assert set(fmap.cat_names) <= set(got.columns)  # every column kept for top-k
+    assert set(fmap.cat_names) <= set(got.columns)  # the score is appended, every column kept
     want = InfluenceScorer(ex.build_model(), st.checkpoints, st.ref_rows.batch(), cfg, seed=0).score(rows.batch())
     by_id = dict(zip(rows.row_id.tolist(), want))
     want_aligned = np.array([by_id[r] for r in got["_row_id"]])
     assert np.abs(want).max() > 0
     np.testing.assert_allclose(got["influence"].to_numpy(), want_aligned, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
-    k = {1: 30, 0: 70}
-    top = streaming_topk(scored, k)
-    idx = topk_numpy(got["influence"].to_numpy(), got["_label"].to_numpy(), k, got["_row_id"].to_numpy())
-    assert top.num_rows == 100
-    assert top.column("_row_id").to_pylist() == got["_row_id"].to_numpy()[idx].tolist()
-    assert top.column("_label").to_pylist()[:30] == [1.0] * 30
+    # What the pipeline reads back: three columns, then the scores in the driver's row order.
+    table = collect_scores(scored)
+    assert table.column_names == ["_row_id", "_label", "influence"]
+    order = np.random.default_rng(0).permutation(rows.row_id)
+    np.testing.assert_array_equal(scores_in_order(table, order), got.set_index("_row_id").loc[order, "influence"].to_numpy())
+    with pytest.raises(RunStateError, match="returned 3000 scores for the stage's 2999 rows"):
+        scores_in_order(table, rows.row_id[1:])
+    with pytest.raises(RunStateError, match="not one per row id"):
+        scores_in_order(table, np.r_[rows.row_id[1:], rows.row_id[:1] + 10**9])
 
 
 @pytest.mark.ray

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from diet_ray.config import ExpertConfig, MemoryConfig
 from diet_ray.distill.expert import StreamExpert
 from diet_ray.distill.pipeline import expert_teacher
-from diet_ray.influence.topk import filter_key, table_filter_topk, table_topk, uniform_hash
+from diet_ray.influence.topk import centred, filter_key, filter_pick, uniform_hash
 from diet_ray.memory.addressing import expected_positives, plan_stage
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
@@ -62,85 +61,72 @@ def test_filter_key_draws_uniformly_among_helpful_rows_first():
     assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.02
 
 
-def add_filter_key(table: pa.Table, seed: int) -> pa.Table:
-    """The filter over one table: the reference the streaming forms must match."""
-    key = filter_key(table.column("influence").to_numpy(), table.column("_row_id").to_numpy(), seed)
-    return table.append_column("pick", pa.array(key, type=pa.float64()))
-
-
-def test_filter_key_topk_does_not_depend_on_blocks():
-    rng = np.random.default_rng(1)
-    n = 600
-    t = pa.table({"_row_id": np.arange(n, dtype=np.int64), "_label": (rng.random(n) < 0.3).astype(np.float32),
-                  "influence": rng.normal(size=n)})
-    want = {1: 20, 0: 40}
-    whole = table_topk(add_filter_key(t, 5), want, "pick")
-    parts = [table_topk(add_filter_key(t.slice(i, 150), 5), want, "pick") for i in range(0, n, 150)]
-    merged = table_topk(pa.concat_tables(parts), want, "pick")
-    assert whole.column("_row_id").to_pylist() == merged.column("_row_id").to_pylist()
-
-
-def _scored_table(n: int, pos_pass: float, neg_pass: float, seed: int = 2) -> pa.Table:
-    """Rows with labels ~30% positive and influence >= 0 for about the given share of each label."""
+def _scored(n: int, pos_pass: float, neg_pass: float, seed: int = 2):
+    """(influence, labels ~30% positive, row ids): influence >= 0 for about the given share of each label."""
     rng = np.random.default_rng(seed)
     label = (rng.random(n) < 0.3).astype(np.float32)
     share = np.where(label == 1, pos_pass, neg_pass)
     infl = np.where(rng.random(n) < share, rng.random(n), -rng.random(n) - 1e-3)
-    return pa.table({"_row_id": np.arange(n, dtype=np.int64) * 3 + 1, "_label": label, "influence": infl})
+    return infl, label, np.arange(n, dtype=np.int64) * 3 + 1
 
 
-@pytest.mark.ray
-def test_filter_applies_per_label_only_where_a_real_share_passes(ray_local):
-    import ray
-
-    from diet_ray.influence.topk import streaming_filter_topk
-
-    t = _scored_table(3000, pos_pass=0.01, neg_pass=0.6)
+def test_filter_applies_per_label_only_where_a_real_share_passes():
+    infl, lab, rid = _scored(3000, pos_pass=0.01, neg_pass=0.6)
     want = {1: 60, 0: 90}
-    ds = ray.data.from_arrow([t.slice(i, 700) for i in range(0, t.num_rows, 700)])  # uneven blocks
-    top, stats = streaming_filter_topk(ds, want, seed=9, min_share=0.05)
-    lab = np.rint(t.column("_label").to_numpy())
-    infl = t.column("influence").to_numpy()
+    idx, rank, stats = filter_pick(infl, lab, rid, want, seed=9, min_share=0.05)
     for label, share in ((1, 0.01), (0, 0.6)):
         assert stats[label]["rows"] == int((lab == label).sum())
         assert stats[label]["passed"] == int(((lab == label) & (infl >= 0)).sum())
         assert abs(stats[label]["share"] - share) < 0.02
     assert not stats[1]["filtered"] and stats[0]["filtered"]
-    got_lab = np.rint(top.column("_label").to_numpy())
-    assert (got_lab == 1).sum() == 60 and (got_lab == 0).sum() == 90
-    rid = t.column("_row_id").to_numpy()
+    assert (lab[idx] == 1).sum() == 60 and (lab[idx] == 0).sum() == 90
+    assert list(lab[idx][:60]) == [1.0] * 60  # ranked within each label, in want's order
     # Positives: the sliver that passes is not put first; the draw is the uniform one, all rows.
     pos = np.flatnonzero(lab == 1)
-    uniform_pos = pos[np.lexsort((rid[pos], -uniform_hash(rid[pos], 9)))[:60]]
-    assert sorted(top.column("_row_id").to_numpy()[got_lab == 1]) == sorted(rid[uniform_pos])
-    # Negatives: the filter, exactly as a one-table top-k over the filter key draws it.
-    old = table_topk(add_filter_key(t, 9), {0: 90}, "pick")
-    assert sorted(top.column("_row_id").to_numpy()[got_lab == 0]) == sorted(old.column("_row_id").to_pylist())
-    assert (top.column("influence").to_numpy()[got_lab == 0] >= 0).all()
-    # min_share=0: the old filter on both labels (its passing positives first).
-    top0, stats0 = streaming_filter_topk(ds, want, seed=9, min_share=0.0)
+    assert sorted(rid[idx[:60]]) == sorted(rid[pos[np.argsort(-uniform_hash(rid[pos], 9))[:60]]])
+    # Negatives: a uniform draw among the passing rows (there are plenty).
+    assert (infl[idx[60:]] >= 0).all()
+    passing = np.flatnonzero((lab == 0) & (infl >= 0))
+    assert sorted(rid[idx[60:]]) == sorted(rid[passing[np.argsort(-uniform_hash(rid[passing], 9))[:90]]])
+    # min_share=0: both labels filtered, the passing positives first, topped up at random.
+    idx0, _, stats0 = filter_pick(infl, lab, rid, want, seed=9, min_share=0.0)
     assert stats0[1]["filtered"] and stats0[0]["filtered"]
-    assert top0.column("_row_id").to_pylist() == table_topk(add_filter_key(t, 9), want, "pick").column("_row_id").to_pylist()
-    # The in-driver form (influence.num_actors=0) over the table held whole: the same rows, ranks and stats.
-    for share, (streamed, streamed_stats) in ((0.05, (top, stats)), (0.0, (top0, stats0))):
-        whole, whole_stats = table_filter_topk(t, want, seed=9, min_share=share)
-        assert whole_stats == streamed_stats
-        assert whole.column("_row_id").to_pylist() == streamed.column("_row_id").to_pylist()
-        assert whole.column("pick").to_pylist() == streamed.column("pick").to_pylist()
+    helpful_pos = int(((lab == 1) & (infl >= 0)).sum())
+    assert (infl[idx0[:helpful_pos]] >= 0).all() and (infl[idx0[helpful_pos:60]] < 0).all()
+    assert np.array_equal(rank[lab == 1], uniform_hash(rid, 9)[lab == 1])  # unfiltered: the uniform draw
+    assert np.array_equal(rank[lab == 0], filter_key(infl, rid, 9)[lab == 0])  # filtered: passing rows first
 
 
-def test_filter_candidates_counts_survive_the_block_cut():
-    from diet_ray.influence.topk import block_filter_candidates
+def test_filter_pick_does_not_depend_on_the_rows_order():
+    infl, lab, rid = _scored(2000, pos_pass=0.3, neg_pass=0.8)
+    want = {1: 40, 0: 70}
+    idx, _, stats = filter_pick(infl, lab, rid, want, seed=4, min_share=0.05, center="label_mean")
+    perm = np.random.default_rng(5).permutation(len(rid))
+    idx_p, _, stats_p = filter_pick(infl[perm], lab[perm], rid[perm], want, seed=4, min_share=0.05, center="label_mean")
+    assert stats == stats_p and rid[idx].tolist() == rid[perm][idx_p].tolist()
+    assert filter_pick(infl, lab, rid, want, seed=5, min_share=0.05)[0].tolist() != idx.tolist()  # the seed matters
 
-    t = _scored_table(900, pos_pass=0.2, neg_pass=0.9)
-    out = block_filter_candidates(t, {1: 5, 0: 5}, seed=3)
-    lab = np.rint(out.column("_label").to_numpy())
-    assert out.num_rows <= 20  # the union of two top-5s per label
+
+def test_label_mean_centering_filters_within_a_label_whose_raw_scores_share_one_sign():
+    """MovieLens-like: every positive helps and every negative hurts (the reference pulls the
+    output bias one way). Raw, the filter keeps all positives and none of the negatives, so it
+    filters nothing; centred on each label's mean, it keeps each label's better rows."""
+    rng = np.random.default_rng(3)
+    n = 4000
+    lab = (rng.random(n) < 0.5).astype(np.float32)
+    infl = np.where(lab == 1, 5.0, -5.0) + rng.normal(size=n)
+    rid = np.arange(n, dtype=np.int64)
+    want = {1: 100, 0: 100}
+    _, _, raw = filter_pick(infl, lab, rid, want, seed=1, min_share=0.05)
+    assert raw[1]["share"] == 1.0 and raw[0]["share"] == 0.0 and not raw[0]["filtered"]
+    idx, _, ctr = filter_pick(infl, lab, rid, want, seed=1, min_share=0.05, center="label_mean")
+    assert all(0.4 < ctr[l]["share"] < 0.6 and ctr[l]["filtered"] for l in (0, 1))
     for label in (0, 1):
-        mine = np.rint(t.column("_label").to_numpy()) == label
-        assert out.column("_n_rows").to_numpy()[lab == label].sum() == mine.sum()
-        passed = mine & (t.column("influence").to_numpy() >= 0)
-        assert out.column("_n_pass").to_numpy()[lab == label].sum() == passed.sum()
+        mine = idx[lab[idx] == label]
+        assert len(mine) == 100 and (infl[mine] >= infl[lab == label].mean()).all()
+    np.testing.assert_allclose([centred(infl, lab, "label_mean")[lab == l].mean() for l in (0, 1)], 0.0, atol=1e-9)
+    with pytest.raises(ValueError, match="filter center"):
+        centred(infl, lab, "median")
 
 
 def test_soft_labels_count_by_expectation_in_the_label_mix():

@@ -1,15 +1,16 @@
 """``diet-ray run``: distill every stage of the stream, resuming after the last committed one.
 
 Per stage t (DESIGN §5-§7): read D_t -> expert pass (K checkpoints) -> influence (rows of D_t on
-Ray actors with a streaming top-k; the current slots in process) -> addressing plan -> new
+Ray actors, or in the driver; the current slots in process) -> addressing plan -> new
 slots from the selected rows -> bi-level Ray Train job over the addressed slots -> reconcile
 (validate shards, capacity) -> atomic commit -> a ``{"kind": "stage"}`` line in results.jsonl.
 
 Row selection. New slots (stage 0: the initial C_1; later: grown and replaced slots) are
 initialised from rows of D_t with the planned label mix, drawn by ``memory.init``:
 ``influence_filter`` (default) = uniformly among the rows whose influence on the stage's
-reference is non-negative, per label where at least ``memory.filter_min_share`` of the label's
-rows pass (else uniformly among all; ``init_filter`` in the results line has the counts);
+reference, less their label's mean (``memory.filter_center``), is non-negative, per label where
+at least ``memory.filter_min_share`` of the label's rows pass (else uniformly among all;
+``init_filter`` in the results line has the counts);
 ``influence`` (DESIGN §5) = the most influential rows, the top ones to grown slots and the next
 to replaced slots; ``random`` (ablation) = uniformly, at every
 stage (row scoring is then skipped).
@@ -36,7 +37,6 @@ import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from diet_ray.config import Config, config_hash, derive_seed
@@ -82,53 +82,27 @@ def _select_rows(
             picked.append(rng.permutation(idx)[:k])
         idx = np.concatenate(picked).astype(np.int64)
         return rows.take(rng.permutation(idx)), None, {}
-    from diet_ray.influence.topk import PICK, streaming_filter_topk, streaming_topk, table_filter_topk, table_topk
+    from diet_ray.influence.topk import filter_pick, topk_numpy
 
-    seed = derive_seed(cfg.seed, "influence", stage)
-    in_driver = int(cfg.influence.num_actors) == 0
-    if in_driver:  # the rows are in memory already: scored here, picked from one table
-        scored = _scored_in_driver(rows, es, store.fmap, cfg, seed)
-        filter_topk, topk = table_filter_topk, table_topk
-    else:
-        from diet_ray.influence.ray_scoring import score_stage
+    from diet_ray.distill.stage_influence import stage_scores
 
-        scored = score_stage(
-            store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
-            es.ref_rows.batch(), store.fmap, cfg.influence, seed,
-            use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0,
-        )
-        filter_topk, topk = streaming_filter_topk, streaming_topk
+    # GPUs for the scoring actors only where influence asks for them (ray.use_gpu is the Train workers')
+    scores = stage_scores(store, stage, rows, es, cfg, use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0)
     info: Dict[str, Any] = {}
     if cfg.memory.init == "influence_filter":
-        top, stats = filter_topk(scored, want, derive_seed(cfg.seed, "filter-init", stage), float(cfg.memory.filter_min_share))
+        idx, rank, stats = filter_pick(scores, rows.label, rows.row_id, want, derive_seed(cfg.seed, "filter-init", stage),
+                                       float(cfg.memory.filter_min_share), cfg.memory.filter_center)
         info["init_filter"] = {("pos" if label == 1 else "neg"): st for label, st in stats.items()}
         for label, st in stats.items():  # debug: the console keeps one line per stage; the results line has it
             if not st["filtered"] and st["rows"]:
-                log.debug("stage %d: %.2f%% of the %s rows have non-negative influence (< memory.filter_min_share=%g): "
+                log.debug("stage %d: %.2f%% of the %s rows pass the influence filter (< memory.filter_min_share=%g): "
                           "their new slots are drawn uniformly", stage, 100 * st["share"], "positive" if label == 1 else "negative",
                           cfg.memory.filter_min_share)
     else:
-        top = topk(scored, want)
-    selected = rows.take(top.column(ROW_POS).to_numpy()) if in_driver else EncodedRows.from_table(top, store.fmap)
-    scores = top.column("influence").to_numpy().astype(np.float64)
-    rank = top.column(PICK).to_numpy() if PICK in top.column_names else scores
-    order = np.lexsort((selected.row_id, -rank))  # best-ranked first across both labels
-    return selected.take(order), scores[order], info
-
-
-ROW_POS = "_pos"  # a row's position in the stage's EncodedRows (the in-driver scored table)
-
-
-def _scored_in_driver(rows: EncodedRows, es: ExpertStage, fmap: FeatureMap, cfg: Config, seed: int) -> pa.Table:
-    """``influence.num_actors=0``: the stage's rows scored by the driver (micro-batched, the
-    same scorer and seed as the actors), as the table the selection reads: ``_row_id``,
-    ``_label``, ``influence`` and the row's position."""
-    from diet_ray.influence.scorer import InfluenceScorer
-    from diet_ray.models import build_model
-
-    model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=0)
-    scores = InfluenceScorer(model, es.checkpoints, es.ref_rows.batch(), cfg.influence, seed).score(rows.batch(), row_ids=rows.row_id)
-    return pa.table({"_row_id": rows.row_id, "_label": rows.label, "influence": scores, ROW_POS: np.arange(len(rows), dtype=np.int64)})
+        idx = topk_numpy(scores, rows.label, want, rows.row_id)
+        rank = scores
+    order = idx[np.lexsort((rows.row_id[idx], -rank[idx]))]  # best-ranked first across both labels
+    return rows.take(order), scores[order], info
 
 
 def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Callable[[Any], torch.Tensor]:

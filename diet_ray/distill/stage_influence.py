@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
-from diet_ray.data.stages import StageStore
-from diet_ray.distill.expert import StreamExpert
+from diet_ray.data.stages import EncodedRows, StageStore
+from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import DataError
 from diet_ray.run_dir import open_run_dir
 
@@ -81,9 +81,26 @@ def plot_histogram(uri: str, label: np.ndarray, scores: np.ndarray, stage: int, 
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 
+def stage_scores(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, cfg: Config, use_gpu: bool) -> np.ndarray:
+    """Every row's influence on stage ``stage``'s reference, in ``rows``' order (``rows`` = the
+    stage as the driver read it): scored by the driver with ``influence.num_actors=0``, else by
+    the actor pool, whose scores come back 24 bytes a row. The same scorer and seed either way."""
+    seed = derive_seed(cfg.seed, "influence", stage)
+    if int(cfg.influence.num_actors) == 0:
+        from diet_ray.influence.scorer import InfluenceScorer
+        from diet_ray.models import build_model
+
+        model = build_model(dict(cfg.expert.model), store.fmap.input_spec(), seed=0)
+        return InfluenceScorer(model, es.checkpoints, es.ref_rows.batch(), cfg.influence, seed).score(rows.batch(), row_ids=rows.row_id)
+    from diet_ray.influence.ray_scoring import collect_scores, score_stage, scores_in_order
+
+    scored = score_stage(store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
+                         es.ref_rows.batch(), store.fmap, cfg.influence, seed, use_gpu=use_gpu)
+    return scores_in_order(collect_scores(scored), rows.row_id)
+
+
 def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str, Any]:
-    """Prepare if needed, train/load the expert through ``stage``, score it on Ray, write outputs."""
-    from diet_ray.influence.ray_scoring import score_stage
+    """Prepare if needed, train/load the expert through ``stage``, score it (on Ray, or in the driver), write outputs."""
     from diet_ray.ray_runtime import init_ray
 
     run_dir = open_run_dir(cfg)
@@ -96,26 +113,12 @@ def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str,
     es = expert.train_through(store, stage)
     expert_s = time.perf_counter() - t0
 
-    seed = derive_seed(cfg.seed, "influence", stage)
-    t0 = time.perf_counter()
-    if int(cfg.influence.num_actors) == 0:  # in the driver: the stage is read whole
-        from diet_ray.influence.scorer import InfluenceScorer
-        from diet_ray.models import build_model
-
-        rows = store.read_stage(stage)
-        model = build_model(dict(cfg.expert.model), store.fmap.input_spec(), seed=0)
-        scores = InfluenceScorer(model, es.checkpoints, es.ref_rows.batch(), cfg.influence, seed).score(rows.batch(), row_ids=rows.row_id)
-        table = pa.table({"_row_id": rows.row_id, "_label": rows.label, "influence": scores}).sort_by("_row_id")
-    else:
+    if int(cfg.influence.num_actors) > 0:
         init_ray(cfg.ray, verbose)
-        t0 = time.perf_counter()
-        scored = score_stage(
-            store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints, es.ref_rows.batch(),
-            store.fmap, cfg.influence, seed, use_gpu=bool(cfg.ray.use_gpu),
-        ).select_columns(["_row_id", "_label", "influence"])
-        # Streamed to the driver three columns at a time (24 bytes a row), never the whole stage.
-        parts = [b for b in scored.iter_batches(batch_format="pyarrow", batch_size=None)]
-        table = pa.concat_tables(parts).sort_by("_row_id") if parts else pa.table({"_row_id": [], "_label": [], "influence": []})
+    t0 = time.perf_counter()
+    rows = store.read_stage(stage)
+    scores = stage_scores(store, stage, rows, es, cfg, use_gpu=bool(cfg.ray.use_gpu))
+    table = pa.table({"_row_id": rows.row_id, "_label": rows.label, "influence": scores}).sort_by("_row_id")
     score_s = time.perf_counter() - t0
 
     out = influence_dir(run_dir, stage)

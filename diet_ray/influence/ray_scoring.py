@@ -17,7 +17,7 @@ import torch
 
 from diet_ray.config import InfluenceConfig
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.errors import ConfigError
+from diet_ray.errors import ConfigError, RunStateError
 from diet_ray.faults import fault_spec
 from diet_ray.influence.scorer import CheckpointLike, InfluenceScorer, PreparedCheckpoints, prepare_checkpoints
 from diet_ray.models import Batch, InputSpec, build_model
@@ -198,3 +198,26 @@ def score_stage(
         # the remote-args route is deprecated for 2.64 (the pin is <2.61).
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return ds.map_batches(ScorerActor, **kwargs)
+
+
+def collect_scores(scored) -> "pa.Table":
+    """``_row_id``, ``_label``, ``influence`` of a scored stage, sorted by ``_row_id``: streamed
+    to the driver three columns at a time (24 bytes a row), never the stage's other columns."""
+    import pyarrow as pa
+
+    parts = [b for b in scored.select_columns(["_row_id", "_label", SCORE_COL]).iter_batches(batch_format="pyarrow", batch_size=None)]
+    if not parts:
+        return pa.table({"_row_id": pa.array([], pa.int64()), "_label": pa.array([], pa.float32()), SCORE_COL: pa.array([], pa.float64())})
+    return pa.concat_tables(parts).sort_by("_row_id")
+
+
+def scores_in_order(table: "pa.Table", row_id: np.ndarray) -> np.ndarray:
+    """The scores of ``collect_scores`` in the order of ``row_id`` (the stage as the driver
+    holds it); every row must have been scored exactly once."""
+    got = table.column("_row_id").to_numpy()
+    pos = np.searchsorted(got, row_id)
+    once = len(got) == len(row_id) and (len(got) < 2 or bool(np.all(got[1:] > got[:-1])))
+    if not once or (len(got) and not np.array_equal(got[np.minimum(pos, len(got) - 1)], row_id)):
+        raise RunStateError(f"the scoring pool returned {len(got)} scores for the stage's {len(row_id)} rows, "
+                           "not one per row id; rerun the stage (nothing was committed)")
+    return table.column(SCORE_COL).to_numpy()[pos].astype(np.float64, copy=False)
