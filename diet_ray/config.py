@@ -262,7 +262,7 @@ class EvaluateConfig:
     popularity_field: Optional[str] = None  # popularity baseline's item field; None: item/movieId/item_id, else the 2nd categorical
 
 
-FIDELITY_VARIANTS = ("diet", "random", "reservoir", "recent", "influence_topk", "coreset", "static")
+FIDELITY_VARIANTS = ("diet", "random", "random_teacher", "reservoir", "recent", "influence_topk", "coreset", "static")
 
 
 @dataclass
@@ -272,6 +272,12 @@ class BenchConfig:
     # --- fidelity bench (diet_ray/bench/fidelity.py) ---
     fidelity_stages: int = 1  # E: evaluate the last E stages t (train on D_1..D_t, test on D_{t+1})
     seeds: int = 3  # repetitions; seed k runs with derive_seed(seed, "fidelity", k)
+    # The reference ranking: every candidate trained on full history with this many seeds of its
+    # own (derive_seed(seed, "reference", r)), AUCs averaged; variants are read against it.
+    reference_seeds: int = 3
+    # Epochs of candidate training on every budget set (full history keeps evaluate.train.epochs):
+    # the first is the headline and the budget sweep's; the others run at memory.ratio.
+    memory_epochs: List[int] = field(default_factory=lambda: [1])
     budgets: List[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # memory.ratio sweep
     variants: List[str] = field(default_factory=lambda: list(FIDELITY_VARIANTS))
     ablations: bool = True  # DIET ablations at memory.ratio only
@@ -453,9 +459,11 @@ def validate(cfg: Config) -> None:
         one_of("bench.variants[]", v, FIDELITY_VARIANTS)
     for b in cfg.bench.budgets:
         in_range("bench.budgets[]", b, 1e-6, 1.0)
+    if not cfg.bench.memory_epochs or any(int(e) < 1 for e in cfg.bench.memory_epochs):
+        raise ConfigError(f"bench.memory_epochs={list(cfg.bench.memory_epochs)} must list epochs >= 1, e.g. [1, 3, 10]")
     one_of("bench.coreset", cfg.bench.coreset, ("kcenter", "herding"))
     one_of("bench.static_outer_steps", cfg.bench.static_outer_steps, ("matched", "same"))
-    for key in ("fidelity_stages", "seeds", "steps_per_epoch", "min_batch"):
+    for key in ("fidelity_stages", "seeds", "reference_seeds", "steps_per_epoch", "min_batch"):
         if getattr(cfg.bench, key) < 1:
             raise ConfigError(f"bench.{key}={getattr(cfg.bench, key)} must be >= 1")
     for i, cand in enumerate(cfg.evaluate.candidates):

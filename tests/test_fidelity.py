@@ -10,6 +10,7 @@ import torch
 
 from diet_ray.bench.fidelity import batch_size_for, bench_fidelity, eval_stages, write_prepared_groups
 from diet_ray.config import TrainConfig, load_config
+from diet_ray.data import fs
 from diet_ray.data.stages import StageStore
 from diet_ray.errors import ConfigError
 from diet_ray.evaluate import subsets as S
@@ -95,6 +96,61 @@ def ml_small(tmp_path_factory, movielens):
     return d / "ratings.csv"
 
 
+def _small_cfg(ml_small, configs_dir, tmp_path, *extra):
+    return load_config(str(configs_dir / "movielens.yaml"), [
+        f"data.source={ml_small}", "data.stages.count=2", f"run.dir={tmp_path / 'run'}", "memory.ratio=0.02",
+        "ray.num_workers=0", "influence.num_actors=0", "evaluate.parallel=false", *extra])
+
+
+def test_random_teacher_is_random_rows_with_the_experts_clipped_labels(tmp_path, ml_small, configs_dir):
+    from diet_ray.bench.fidelity import ExpertSignals, FidelityBench
+
+    cfg = _small_cfg(ml_small, configs_dir, tmp_path, "memory.init_logit=1.5")
+    bench = FidelityBench(cfg, str(tmp_path / "bench"), verbose=False)
+    hist = bench.store.read_history(0)
+    signals = ExpertSignals(cfg, bench.store, str(tmp_path / "bench"), seed=7)
+    args = (hist, [40], 7, 0, 0.02, signals, None, [len(hist)])
+    idx = bench.subset("random_teacher", *args)
+    assert np.array_equal(idx, bench.subset("random", *args)) and len(idx) == 40
+    batch = signals.teacher_labelled(0, hist.batch(idx))
+    # by hand: the stage's last expert checkpoint, its logits clipped to +-init_logit, then the sigmoid
+    model = signals.expert.build_model()
+    model.load_state_dict(signals.stage(0).checkpoints[-1].state)
+    with torch.no_grad():
+        z = model.logits(hist.batch(idx)).clamp(-1.5, 1.5)
+    assert torch.allclose(batch.label, torch.sigmoid(z))
+    assert batch.label.min() >= torch.sigmoid(torch.tensor(-1.5)) - 1e-6 and batch.label.max() <= torch.sigmoid(torch.tensor(1.5)) + 1e-6
+    assert batch.weight is None and torch.equal(batch.ids, hist.batch(idx).ids)
+
+
+def test_no_bilevel_ablation_commits_the_selected_rows_unchanged(tmp_path, ml_small, configs_dir, ray_local):
+    from diet_ray.bench.fidelity import ABLATIONS
+    from diet_ray.distill.expert import StreamExpert
+    from diet_ray.distill.pipeline import run
+    from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, load_stage_memory
+
+    extra = [f"{k}={v}" for k, v in ABLATIONS["diet_no_bilevel"].items()]
+    cfg = _small_cfg(ml_small, configs_dir, tmp_path, *extra)
+    summary = run(cfg)
+    assert all(m["bilevel"].get("skipped") for m in summary["per_stage"])
+    store = StageStore(cfg.run.dir)
+    hist = store.read_history(1)
+    mem = load_stage_memory(cfg.run.dir, 1)
+    row_of = {int(r): i for i, r in enumerate(hist.row_id)}
+    at = np.array([row_of[int(r)] for r in mem.source_row])
+    k = cfg.memory.support_k
+    assert np.array_equal(mem.ids[:, :, 0].numpy(), hist.cat[at])  # support 0 is the row's own id
+    init = np.zeros(k, np.float32)
+    init[0] = cfg.memory.init_logit
+    assert np.allclose(mem.logits.numpy(), np.broadcast_to(init, mem.logits.shape))  # supports as initialised
+    assert np.allclose(mem.numeric.numpy(), hist.num[at])
+    assert np.allclose(mem.weight_param.numpy(), UNIT_WEIGHT_PARAM)  # unit weights
+    # labels: the current expert's (label_refresh), as the bi-level step never ran
+    expert = StreamExpert.from_config(cfg, store.fmap)
+    z = expert.teacher(expert.load_stage(1), cfg.memory.init_logit)(mem.to_batch(cfg.memory.temperature))
+    assert torch.allclose(mem.label_logit, z)
+
+
 def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
     from diet_ray.data.prepare import prepare
 
@@ -122,9 +178,9 @@ def _no_nan(const):
 def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     out = tmp_path / "bench"
     overrides = [
-        f"data.source={ml_small}", "data.stages.count=2", f"bench.zoo={ZOO}", "bench.seeds=1",
-        "bench.budgets=[0.01,0.02]", "bench.ablations=false", "memory.ratio=0.02",
-        "bench.variants=[diet,random,reservoir,recent,influence_topk,coreset]",
+        f"data.source={ml_small}", "data.stages.count=2", f"bench.zoo={ZOO}", "bench.seeds=2", "bench.reference_seeds=2",
+        "bench.budgets=[0.01,0.02]", "bench.ablations=false", "memory.ratio=0.02", "bench.memory_epochs=[1,2]",
+        "bench.variants=[diet,random,random_teacher,reservoir,recent,influence_topk,coreset]",
         "ray.num_workers=0", "influence.num_actors=0", "distill.outer_steps=2", "distill.inner_steps=2", "distill.unroll=1",
         "evaluate.train.epochs=1", "evaluate.parallel=false",
     ]
@@ -132,30 +188,47 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     result = bench_fidelity(cfg, str(out))
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_no_nan)
     assert result["budget_ratio"] == summary["budget_ratio"] == 0.02
-    names = {"full", "diet", "random", "reservoir", "recent", "influence_topk", "coreset"}
-    assert set(summary["variants"]) == names
-    for name, e in summary["variants"].items():
-        for key in ("kendall_mean", "kendall_std", "spearman_mean", "regret_mean", "auc_gap_mean", "cost_ratio_steps", "cost_ratio_wall"):
+    budget_sets = {"diet", "random", "random_teacher", "reservoir", "recent", "influence_topk", "coreset"}
+    assert set(summary["variants"]) == budget_sets | {"full", "full_single"}
+    for name in budget_sets | {"full"}:
+        e = summary["variants"][name]
+        for key in ("kendall_mean", "kendall_std", "spearman_mean", "regret_mean", "auc_gap_mean", "cost_ratio_steps", "cost_ratio_wall",
+                    "kendall_ref_mean", "kendall_ref_std", "spearman_ref_mean", "regret_ref_mean", "pair_agreement_mean", "pair_agreement_std"):
             assert key in e, (name, key)
-        assert -1.0 <= e["kendall_mean"] <= 1.0 and e["regret_mean"] >= 0.0
+        assert -1.0 <= e["kendall_ref_mean"] <= 1.0 and e["regret_ref_mean"] >= 0.0
     full = summary["variants"]["full"]
     assert full["kendall_mean"] == pytest.approx(1.0) and full["regret_mean"] == 0.0 and full["cost_ratio_steps"] == 1.0
-    for name in names - {"full"}:  # 2% of history, same epochs: about 50x fewer sample-steps
+    for name in budget_sets:  # 2% of history, same epochs: about 50x fewer sample-steps
         assert 30 < summary["variants"][name]["cost_ratio_steps"] < 70
-    assert set(summary["by_budget"]["random"]) == {"0.01", "0.02"}
-    assert set(summary["by_budget"]["diet"]) == {"0.01", "0.02"}
+    # Memory epochs: E=2 doubles the sets' sample-steps; the budget sweep stays at the first E.
+    assert set(summary["by_epochs"]) == {"1", "2"}
+    for name in budget_sets:
+        e1, e2 = summary["by_epochs"]["1"][name], summary["by_epochs"]["2"][name]
+        assert e2["cost_ratio_steps"] == pytest.approx(e1["cost_ratio_steps"] / 2, rel=0.05)
+    assert set(summary["by_budget"]["random"]) == {"0.01", "0.02"} and set(summary["by_budget"]["diet"]) == {"0.01", "0.02"}
+    # DIET's paired margins against every other set, at both memory epochs.
+    for entry in (summary["variants"]["diet"], summary["by_epochs"]["2"]["diet"]):
+        assert set(entry["paired"]) == budget_sets - {"diet"}
+        for p in entry["paired"].values():
+            assert p["n"] == 2 and 0 <= p["wins"] <= 2 and {"delta_kendall_ref_mean", "delta_kendall_ref_se", "beyond_2se"} <= set(p)
+    ref = summary["reference"]
+    assert ref["seeds"] == 2 and ref["pairs"] == 6 and 0 <= ref["resolvable_pairs"] <= 6
+    assert set(ref["ceiling"]) >= {"kendall_ref_mean", "pair_agreement_mean", "regret_ref_mean"}
+    assert summary["variants"]["full_single"]["n"] == 2  # one leave-one-out record per reference seed
     assert "distill_cost" in summary["variants"]["diet"] and summary["variants"]["diet"]["distill_cost"]["sample_steps"] > 0
     cred = summary["credibility"][0]
-    assert cred["test_stage"] == 1 and cred["candidates"] == 4
+    assert cred["test_stage"] == 1 and cred["candidates"] == 4 and "credible" in cred
 
     lines = [json.loads(l, parse_constant=_no_nan) for l in (out / "results.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "fidelity_train"]
-    # 4 candidates x (full + 2 budgets x 6 variants), one stage, one seed
-    assert len(train) == 4 * (1 + 2 * 6)
+    # 4 candidates x (2 reference seeds + 2 repetitions x (full + 2 budgets x 7 sets + 7 sets at E=2)), one stage
+    assert len(train) == 4 * (2 + 2 * (1 + 2 * 7 + 7))
     sizes = {(r["variant"], r["budget"]): r["train_rows"] for r in train}
     hist = sizes[("full", None)]
-    assert sizes[("random", 0.02)] == sizes[("recent", 0.02)] == sizes[("coreset", 0.02)] == -(-hist * 2 // 100)
-    assert all(r["sample_steps"] == r["train_rows"] for r in train)  # one epoch each
+    assert sizes[("reference", None)] == hist
+    assert sizes[("random", 0.02)] == sizes[("random_teacher", 0.02)] == sizes[("recent", 0.02)] == -(-hist * 2 // 100)
+    for r in train:  # one epoch each, two for the E=2 sets
+        assert r["sample_steps"] == r["train_rows"] * (r["epochs"] or 1), r
     assert {r["kind"] for r in lines} == {"popularity", "fidelity_train", "fidelity", "distill_cost"}
 
     plots = [out / "plots" / p for p in ("auc_scatter.png", "tau_vs_budget.png", "cost_vs_fidelity.png")]
@@ -165,15 +238,17 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     (out / "table.md").unlink()
     written = report(str(out))
     assert all(p.exists() for p in plots) and (out / "table.md").exists() and len(written) == 4
-    assert "| diet |" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "| diet |" in table and "| full_single |" in table and "DIET minus each variant" in table and "E=2" in table
 
     # A rerun resumes the DIET run and reuses every cached candidate result.
     again = bench_fidelity(cfg, str(out))
-    assert again["variants"] == result["variants"]
+    assert fs.to_json(again["variants"]) == fs.to_json(result["variants"])
 
 
 def test_reseed_agreement_is_the_full_data_ranking_against_itself_under_other_seeds():
-    from diet_ray.evaluate.fidelity_report import markdown, summarize
+    from diet_ray.bench.fidelity_report import markdown
+    from diet_ray.bench.fidelity_summary import summarize
 
     aucs = {0: [0.60, 0.62, 0.64, 0.66], 1: [0.60, 0.62, 0.66, 0.64], 2: [0.66, 0.64, 0.62, 0.60]}
     lines = [{"kind": "fidelity_train", "variant": "full", "budget": None, "seed_index": k, "stage": 3, "candidate": f"c{i}", "auc": a}
@@ -186,13 +261,14 @@ def test_reseed_agreement_is_the_full_data_ranking_against_itself_under_other_se
     # regret, averaged both ways: (0,1) 0.02 each way; (0,2) 0.06 each way; (1,2) 0.06 (picks c0
     # for seed 1) and 0.04 (picks c2 for seed 2)
     assert rs["regret_mean"] == pytest.approx((0.02 + 0.06 + 0.05) / 3)
-    assert "Noise ceiling" in markdown({**s, "variants": {}, "source": "x"})
+    assert "Same-seed full runs against each other: Kendall τ -0.333" in markdown({**s, "variants": {}, "source": "x"})
     one = summarize([r for r in lines if r["seed_index"] == 0], {"budget_ratio": 0.01})
     assert one["reseed"] is None
 
 
 def test_pooled_agreement_ranks_seed_averaged_aucs_on_both_sides():
-    from diet_ray.evaluate.fidelity_report import markdown, summarize
+    from diet_ray.bench.fidelity_report import markdown
+    from diet_ray.bench.fidelity_summary import summarize
 
     # Full history: c0 < c1 < c2 < c3 on average, but seed 1 swaps c2/c3 (noise).
     full = {0: [0.60, 0.62, 0.64, 0.70], 1: [0.60, 0.62, 0.67, 0.66]}
@@ -215,9 +291,75 @@ def test_pooled_agreement_ranks_seed_averaged_aucs_on_both_sides():
     assert d["regret_pooled"] == pytest.approx(0.0)
     assert s["by_budget"]["diet"]["0.01"]["kendall_pooled"] == pytest.approx(1.0)
     assert "kendall_pooled" not in s["variants"].get("full", {})
-    assert "| diet | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.0000 | 1.000 / 0.0000 |" in markdown({**s, "source": "x"})
+    assert "| 0.500 ± 0.000 | 1.000 / 0.0000 |" in markdown({**s, "source": "x"})
 
     # Only seed 1: its variant ranking (c2 = c3 tied) against seed 1's full means (c3 < c2).
     one = summarize([r for r in lines if r["seed_index"] == 1], {"budget_ratio": 0.01, "stages": [3]})
     assert one["variants"]["diet"]["pooled_seeds"] == 1
     assert one["variants"]["diet"]["kendall_pooled"] < 1.0
+
+
+# ------------------------------------------------------------- reference-ranking metrics
+
+
+def test_resolvable_pairs_use_the_standard_error_of_the_per_seed_difference():
+    from diet_ray.evaluate.metrics import resolvable_pairs
+
+    # a - b per seed: 0.02, 0.03, 0.04 -> mean 0.03, SE = 0.01 / sqrt(3) = 0.00577: resolvable.
+    # c - b per seed: 0.03, -0.01, 0.01 -> mean 0.01, SE = 0.02 / sqrt(3) = 0.01155: 0.01 < 2 SE.
+    runs = {"a": [0.62, 0.63, 0.64], "b": [0.60, 0.60, 0.60], "c": [0.63, 0.59, 0.61]}
+    pairs = resolvable_pairs(runs)
+    assert ("a", "b", 1) in pairs and not any({p[0], p[1]} == {"b", "c"} for p in pairs)
+    # a - c: -0.01, 0.04, 0.03 -> mean 0.02, SE = std(ddof=1)=0.02646 / sqrt(3) = 0.01528: a tie.
+    assert not any({p[0], p[1]} == {"a", "c"} for p in pairs)
+    assert resolvable_pairs({"a": [0.7], "b": [0.6]}) == []  # one seed has no standard error
+    # the threshold is strict at 2 SE: differences 1, 3 -> mean 2, SE 1 -> 2 is not above 2 SE
+    assert resolvable_pairs({"a": [1.0, 3.0], "b": [0.0, 0.0]}) == []
+    assert resolvable_pairs({"a": [1.0, 3.0], "b": [0.0, 0.0]}, z=1.9) == [("a", "b", 1)]
+
+
+def test_pair_agreement_ignores_swaps_of_unresolvable_pairs():
+    from diet_ray.bench.fidelity_summary import Reference
+
+    ref = Reference({"a": [0.70, 0.71, 0.70], "b": [0.60, 0.61, 0.60], "c": [0.601, 0.598, 0.603]})
+    assert {(p[0], p[1]) for p in ref.pairs} == {("a", "b"), ("a", "c")}  # b and c tie
+    swap_tie = ref.metrics({"a": 0.8, "b": 0.5, "c": 0.6})  # swaps only b/c
+    assert swap_tie["pair_agreement"] == 1.0 and swap_tie["resolvable_pairs"] == 2
+    assert swap_tie["kendall_ref"] < 1.0
+    wrong = ref.metrics({"a": 0.5, "b": 0.6, "c": 0.4})  # a below b: one of the two resolvable pairs
+    assert wrong["pair_agreement"] == 0.5
+    assert ref.metrics({"a": 0.6, "b": 0.6, "c": 0.5})["pair_agreement"] == 0.75  # a tie counts half
+    # regret against the reference means: picking b (mean 0.6033) instead of a (0.7033)
+    assert wrong["regret_ref"] == pytest.approx(0.1)
+
+
+def test_leave_one_out_ceiling_compares_each_seed_with_the_others_mean():
+    from diet_ray.bench.fidelity_summary import Reference
+
+    runs = {"a": [0.70, 0.72, 0.71, 0.69], "b": [0.65, 0.64, 0.73, 0.66], "c": [0.60, 0.61, 0.62, 0.59]}
+    loo = Reference(runs).leave_one_out()
+    assert [m["left_out"] for m in loo] == [0, 1, 2, 3]
+    # seed 2 alone ranks b > a > c; the other three seeds' means rank a (0.7033) > b (0.65) > c: one swap of 3
+    assert loo[2]["kendall_ref"] == pytest.approx(1 / 3)
+    assert loo[2]["regret_ref"] == pytest.approx((0.70 + 0.72 + 0.69) / 3 - (0.65 + 0.64 + 0.66) / 3)
+    assert loo[0]["kendall_ref"] == pytest.approx(1.0) and loo[0]["regret_ref"] == 0.0
+    # the left-out seed is not in the mean it is compared with: its resolvable pairs come from the rest
+    rest = Reference({c: a[:2] + a[3:] for c, a in runs.items()})
+    assert loo[2]["resolvable_pairs"] == len(rest.pairs)
+    assert Reference({"a": [0.7], "b": [0.6]}).leave_one_out() == []
+
+
+def test_paired_margin_is_the_per_seed_difference_with_its_standard_error():
+    from diet_ray.bench.fidelity_summary import paired_margin
+
+    a = [{"seed_index": k, "stage": 3, "kendall_ref": x, "pair_agreement": 1.0} for k, x in enumerate([0.5, 0.6, 0.7])]
+    b = [{"seed_index": k, "stage": 3, "kendall_ref": x, "pair_agreement": 0.5} for k, x in enumerate([0.4, 0.4, 0.6])]
+    p = paired_margin(a, b)
+    d = np.array([0.1, 0.2, 0.1])
+    assert p["n"] == 3 and p["wins"] == 3
+    assert p["delta_kendall_ref_mean"] == pytest.approx(d.mean())
+    assert p["delta_kendall_ref_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert p["beyond_2se"]  # 0.133 against SE 0.033
+    assert p["delta_pair_agreement_mean"] == pytest.approx(0.5)
+    tie = paired_margin(a, [{**r, "kendall_ref": r["kendall_ref"] + s} for r, s in zip(a, [-0.2, 0.25, -0.1])])
+    assert not tie["beyond_2se"] and tie["wins"] == 2

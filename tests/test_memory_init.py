@@ -7,7 +7,6 @@ import torch
 
 from diet_ray.config import ExpertConfig, MemoryConfig
 from diet_ray.distill.expert import StreamExpert
-from diet_ray.distill.pipeline import expert_teacher
 from diet_ray.influence.topk import centred, filter_key, filter_pick, uniform_hash
 from diet_ray.memory.addressing import expected_positives, plan_stage
 from diet_ray.memory.slots import SlotMemory
@@ -148,9 +147,9 @@ def test_expert_labels_follow_the_expert_and_stay_bounded(tmp_path):
     rows = stage_rows()
     es = expert.train_stage(0, rows)
     mem = SlotMemory.from_rows(rows.slice(0, 200), fmap, MemoryConfig(), 0, 0, np.random.default_rng(0))
-    z = expert_teacher(expert, es, bound=50.0)(mem.to_batch())
+    z = expert.teacher(es, bound=50.0)(mem.to_batch())
     assert z.shape == (200,) and torch.isfinite(z).all()
-    assert expert_teacher(expert, es, bound=0.5)(mem.to_batch()).abs().max() <= 0.5
+    assert expert.teacher(es, bound=0.5)(mem.to_batch()).abs().max() <= 0.5
     # The expert learnt the stage's rule (label = c0 % 3 == 0): its soft labels rank the real ones.
     lab = rows.slice(0, 200).label
     assert z[lab == 1].mean() > z[lab == 0].mean() + 0.5

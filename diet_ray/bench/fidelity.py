@@ -3,39 +3,47 @@
 At each evaluation stage t (the last ``bench.fidelity_stages`` stages that have a next stage)
 every candidate of the zoo is trained from scratch on the full history D_1..D_t and on each
 variant's training set of the same slot budget C_t = ceil(ratio * |D_1..D_t|), and tested on
-D_{t+1}. Variants (DESIGN §9):
+D_{t+1}.
 
+The reference ranking: every candidate trained on full history with ``bench.reference_seeds``
+seeds of its own, AUCs averaged; every training set is read against it (τ, ρ, top-1 regret,
+pair agreement over the resolvable pairs, and the leave-one-out ceiling ``full_single``:
+``diet_ray/bench/fidelity_summary.py``). Each repetition also trains full history with its own
+candidate seeds (``full``), which the legacy keys compare with.
+
+Variants (DESIGN §9):
 - ``diet``: the DIET memory M_t of ``diet-ray run`` (run dir ``OUT/runs/diet-s<k>-b<ratio>-<config hash>``).
 - ``random``, ``reservoir``, ``recent``, ``influence_topk``, ``coreset``: real-row subsets from
   ``diet_ray.evaluate.subsets``; influence and embeddings come from the stream expert of the
   same seed (``OUT/experts/s<k>``, identical to the DIET run's expert).
+- ``random_teacher``: ``random``'s rows at the same seed, each labelled with the stream expert's
+  soft label (the stage-t expert's last checkpoint, clipped to +-memory.init_logit: what DIET's
+  slots get), unit weights. What the labels alone buy.
 - ``static``: one-shot distillation of all history. The run dir gets a prepared stream whose
-  single stage is D_1..D_t concatenated, and the unchanged pipeline distills it once (one expert
-  pass, influence init, one bi-level job). With ``bench.static_outer_steps=matched`` that job
-  gets distill.outer_steps x (t+1) outer steps, the staged run's total, so the comparison is
-  about stages, not optimisation budget.
-- Ablations at ``memory.ratio`` (``bench.ablations``): diet_no_addressing (memory.addressing
-  =false), diet_no_growth (memory.growth=false), diet_gradient (distill.objective=gradient),
-  diet_random_init (memory.init=random).
+  single stage is D_1..D_t concatenated, and the unchanged pipeline distills it once. With
+  ``bench.static_outer_steps=matched`` that job gets distill.outer_steps x (t+1) outer steps,
+  the staged run's total, so the comparison is about stages, not optimisation budget.
+- Ablations at ``memory.ratio`` (``bench.ablations``, ``ABLATIONS``): no addressing, no growth,
+  gradient matching, random init, no bi-level step.
+
+Memory epochs (``bench.memory_epochs``): candidates on every budget set train E epochs while
+full history keeps ``evaluate.train.epochs``; the first E is the headline's and the budget
+sweep's, the others run at ``memory.ratio``.
 
 DIET runs distill only the stages needed: their prepared stream is a copy of stages 0..t_max
 (the last evaluated stage), so the test stage is never seen. Every run dir is resumed when
-present, and candidate results are cached in ``OUT/train_cache.jsonl`` by (variant, budget,
-seed, stage, candidate, protocol), so a rerun with more seeds only trains what is new.
+present, and candidate results are cached in ``OUT/train_cache.jsonl`` by (data, variant,
+budget, seed, stage, candidate, protocol), so a rerun with more seeds only trains what is new.
 
 Candidate-training protocol (fair, fixed in config): every training set of N rows gets
-``evaluate.train`` (optimiser, lr, epochs, min_steps) with one batch rule,
-batch = clamp(ceil(N / bench.steps_per_epoch), bench.min_batch, evaluate.train.batch_size).
-Full history keeps the configured batch (its epochs have more than steps_per_epoch steps); a 1%
-set gets small batches so its epochs still take about steps_per_epoch optimiser steps instead
-of one. Epochs are equal, so sample-steps scale with N and the sample-step cost ratio is about
-|history| / C_t; wall-clock ratios are lower on small logs because small batches pay the same
-per-step overhead (optimiser update over all parameters). Nothing of D_{t+1} is used before the
-final test.
+``evaluate.train`` (optimiser, lr, weight decay, min_steps) with one batch rule,
+batch = clamp(ceil(N / bench.steps_per_epoch), bench.min_batch, evaluate.train.batch_size):
+full history keeps the configured batch, a 1% set gets small batches so an epoch still takes
+about steps_per_epoch optimiser steps. Nothing of D_{t+1} is used before the final test.
 
-Seeds: repetition k uses seed s_k = derive_seed(seed, "fidelity", k) for its DIET runs, its
-subsets and its candidate initialisations (shared by every variant of that repetition). Metrics
-are reported as mean and std over repetitions and evaluation stages.
+Seeds: repetition k uses s_k = derive_seed(seed, "fidelity", k) for its DIET runs, its subsets
+and its candidate initialisations (shared by every variant of that repetition); reference seed
+r uses derive_seed(seed, "reference", r).
 
 Outputs in OUT: ``results.jsonl`` (kind fidelity_train | fidelity | popularity | distill_cost),
 ``summary.json``, ``table.md`` and plots under ``OUT/plots`` (``diet-ray report OUT`` redraws them).
@@ -59,15 +67,14 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap, StageInfo
 from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir, stage_dir
 from diet_ray.errors import ConfigError, RunStateError
+from diet_ray.bench.fidelity_summary import FULL, FULL_SINGLE, REFERENCE, Reference, fidelity_metrics
 from diet_ray.evaluate import subsets as S
-from diet_ray.evaluate.fidelity_report import fidelity_metrics
 from diet_ray.evaluate.runner import POPULARITY, Candidate, CandidateRunner, check_candidates, load_memory_batch
 from diet_ray.memory.addressing import capacity
 from diet_ray.models.batch import Batch
 
 log = logging.getLogger(__name__)
 
-FULL = "full"
 MEMORY_VARIANTS = ("diet", "static")
 # Ablation name -> config changes applied to the DIET run (DESIGN §9).
 ABLATIONS: Dict[str, Dict[str, Any]] = {
@@ -75,6 +82,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "diet_no_growth": {"memory.growth": False},
     "diet_gradient": {"distill.objective": "gradient"},
     "diet_random_init": {"memory.init": "random"},
+    # The selected rows as slots, with their initial supports, labels and weights: no outer step.
+    "diet_no_bilevel": {"distill.outer_steps": 0},
 }
 RESULTS = "results.jsonl"
 SUMMARY = "summary.json"
@@ -111,9 +120,12 @@ def batch_size_for(rows: int, tc: TrainConfig, steps_per_epoch: int, min_batch: 
     return int(min(tc.batch_size, max(min_batch, math.ceil(max(rows, 1) / steps_per_epoch))))
 
 
-def protocol_for(rows: int, cfg: Config) -> TrainConfig:
+def protocol_for(rows: int, cfg: Config, epochs: Optional[int] = None) -> TrainConfig:
+    """``evaluate.train`` with the batch rule applied; ``epochs`` (memory epochs) replaces its
+    epochs for a budget set, full history keeps them."""
     tc = cfg.evaluate.train
-    return dataclasses.replace(tc, batch_size=batch_size_for(rows, tc, cfg.bench.steps_per_epoch, cfg.bench.min_batch))
+    tc = dataclasses.replace(tc, batch_size=batch_size_for(rows, tc, cfg.bench.steps_per_epoch, cfg.bench.min_batch))
+    return tc if epochs is None else dataclasses.replace(tc, epochs=int(epochs))
 
 
 def eval_stages(num_stages: int, count: int) -> List[int]:
@@ -236,6 +248,12 @@ class ExpertSignals:
             self._scores[s] = scorer.score(rows.batch(), rows.row_id)
         return self._scores[s]
 
+    def teacher_labelled(self, t: int, batch: Batch) -> Batch:
+        """``batch`` with the labels DIET's slots get at stage t: the sigmoid of the stage-t
+        expert's logit at its last checkpoint, clipped to +-memory.init_logit; unit weights."""
+        z = self.expert.teacher(self.stage(t), float(self.cfg.memory.init_logit))(batch)
+        return Batch(batch.ids, batch.numeric, torch.sigmoid(z), batch.probs, None)
+
     @torch.no_grad()
     def embeddings(self, t: int, rows: EncodedRows) -> np.ndarray:
         """Pooled field embeddings [N, F*W (+numeric)] under the expert's last checkpoint of stage t."""
@@ -302,6 +320,8 @@ class FidelityBench:
         self.main_budget = float(cfg.memory.ratio)
         self.budgets = sorted({float(b) for b in cfg.bench.budgets} | {self.main_budget})
         self.variants = list(dict.fromkeys(cfg.bench.variants))
+        self.epochs = [int(e) for e in dict.fromkeys(cfg.bench.memory_epochs)]
+        self.reference: Dict[int, Reference] = {}
         self.cache = _Cache(fs.join(out, CACHE))
         self.records: List[Dict[str, Any]] = []  # fidelity_train
         self.fid: List[Dict[str, Any]] = []  # fidelity
@@ -316,12 +336,14 @@ class FidelityBench:
             self._runner = CandidateRunner(self.cfg, self.spec, self.verbose)
         return self._runner
 
-    def train_set(self, variant: str, budget: Optional[float], k: int, seed: int, t: int, train: Batch, test_ref: Any, extra: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-        """Train every candidate on ``train`` (cached); returns {candidate: record}."""
-        tc = protocol_for(len(train), self.cfg)
+    def train_set(self, variant: str, budget: Optional[float], k: int, seed: int, t: int, train: Batch, test_ref: Any,
+                  extra: Dict[str, Any], epochs: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
+        """Train every candidate on ``train`` (cached) for ``epochs`` (None: full history's
+        protocol); returns {candidate: record}."""
+        tc = protocol_for(len(train), self.cfg, epochs)
         proto = json.dumps(dataclasses.asdict(tc), sort_keys=True)
-        base = {"kind": "fidelity_train", "variant": variant, "budget": budget, "seed_index": k, "seed": seed, "stage": t,
-                "test_stage": t + 1, "batch_size": tc.batch_size, **extra}
+        base = {"kind": "fidelity_train", "variant": variant, "budget": budget, "epochs": epochs, "train_epochs": tc.epochs,
+                "seed_index": k, "seed": seed, "stage": t, "test_stage": t + 1, "batch_size": tc.batch_size, **extra}
         data = fingerprint(train)
         keys = {c.name: hashlib.sha256(json.dumps([data, variant, budget, seed, t, c.spec, proto], sort_keys=True, default=str).encode()).hexdigest()[:20] for c in self.cands}
         todo = [c for c in self.cands if self.cache.get(keys[c.name]) is None]
@@ -330,7 +352,8 @@ class FidelityBench:
             # The runner trains with cfg.evaluate.train: hand it this set's protocol.
             runner.cfg = dataclasses.replace(self.cfg, evaluate=dataclasses.replace(self.cfg.evaluate, train=tc))
             seeds = [derive_seed(seed, "candidate", t, c.name) for c in todo]
-            res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {variant} {budget}")
+            tag = variant if epochs is None else f"{variant} {budget} E{epochs}"
+            res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {tag}")
             self.cache.add([{**base, **r, "candidate": c.name, "model": c.model, "key": keys[c.name]} for c, r in zip(todo, res)])
         out = {}
         for c in self.cands:
@@ -340,13 +363,16 @@ class FidelityBench:
             self.records.append(rec)
         return out
 
-    def compare(self, variant: str, budget: Optional[float], k: int, t: int, full: Dict[str, Any], var: Dict[str, Any], train_rows: int) -> None:
-        m = {"kind": "fidelity", "variant": variant, "budget": budget, "seed_index": k, "stage": t, "test_stage": t + 1,
-             "train_rows": train_rows, **fidelity_metrics(full, var)}
+    def compare(self, variant: str, budget: Optional[float], k: int, t: int, full: Dict[str, Any], var: Dict[str, Any],
+                train_rows: int, epochs: Optional[int] = None) -> None:
+        """One fidelity record: against the same-seed full run (legacy keys) and the reference."""
+        m = {"kind": "fidelity", "variant": variant, "budget": budget, "epochs": epochs, "seed_index": k, "stage": t,
+             "test_stage": t + 1, "train_rows": train_rows, **fidelity_metrics(full, var),
+             **self.reference[t].metrics({c: r["auc"] for c, r in var.items()})}
         self.fid.append(m)
-        log.info("seed %d stage %d %-20s b=%s rows=%d tau %.3f rho %.3f regret %.4f gap %.4f steps x%.1f wall x%.1f",
-                 k, t, variant, budget, train_rows, m["kendall"], m["spearman"], m["regret"], m["auc_gap"],
-                 m["cost_ratio_steps"], m["cost_ratio_wall"])
+        log.info("seed %d stage %d %-20s b=%s E=%s rows=%d tau_ref %.3f pairs %.3f regret_ref %.4f | tau %.3f | steps x%.1f wall x%.1f",
+                 k, t, variant, budget, epochs, train_rows, m["kendall_ref"], m["pair_agreement"], m["regret_ref"],
+                 m["kendall"], m["cost_ratio_steps"], m["cost_ratio_wall"])
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -354,52 +380,81 @@ class FidelityBench:
         from diet_ray.evaluate.runner import popularity_record
 
         cfg = self.cfg
-        t_max = max(self.stages)
-        stage_sizes = [s.rows for s in self.fmap.stages]
         for t in self.stages:
             hist = self.store.read_history(t)
             test = self.store.read_stage(t + 1).with_unknown_as_oov(self.fmap, t)
             pop = popularity_record(hist, test, self.fmap, cfg, {"kind": POPULARITY, "stage": t, "test_stage": t + 1, "test_rows": len(test)})
             self.pops.append(pop)
+            self.reference_for(t, hist, test)
         for k in range(cfg.bench.seeds):
             seed = derive_seed(cfg.seed, "fidelity", k)
             signals = ExpertSignals(cfg, self.store, self.out, seed)
             for t in self.stages:
-                hist = self.store.read_history(t)
-                test = self.store.read_stage(t + 1).with_unknown_as_oov(self.fmap, t)
-                test_ref = self.runner().put(test.batch()) if cfg.evaluate.parallel else test.batch()
-                full = self.train_set(FULL, None, k, seed, t, hist.batch(), test_ref, {"train_rows": len(hist)})
-                self.compare(FULL, None, k, t, full, full, len(hist))
-                emb: Optional[np.ndarray] = None
-                for b in self.budgets:
-                    caps = [capacity(sum(stage_sizes[: s + 1]), dataclasses.replace(cfg.memory, ratio=b)) for s in range(t + 1)]
-                    for v in self.variants:
-                        if v in MEMORY_VARIANTS:
-                            if v == "static" and b != self.main_budget:
-                                continue
-                            batch, cost = self.memory_for(v, seed, k, b, t, t_max, {})
-                        else:
-                            if v == "coreset" and emb is None:
-                                emb = signals.embeddings(t, hist)
-                            idx = self.subset(v, hist, caps, seed, t, b, signals, emb, stage_sizes)
-                            batch, cost = hist.batch(idx), None
-                        res = self.train_set(v, b, k, seed, t, batch, test_ref, {"train_rows": len(batch)})
-                        self.compare(v, b, k, t, full, res, len(batch))
-                        if cost is not None:
-                            self.costs.append({"kind": "distill_cost", "variant": v, "budget": b, "seed_index": k, "stage": t, **cost})
-                if cfg.bench.ablations:
-                    for name, changes in ABLATIONS.items():
-                        batch, cost = self.memory_for(name, seed, k, self.main_budget, t, t_max, changes)
-                        res = self.train_set(name, self.main_budget, k, seed, t, batch, test_ref, {"train_rows": len(batch)})
-                        self.compare(name, self.main_budget, k, t, full, res, len(batch))
-                        self.costs.append({"kind": "distill_cost", "variant": name, "budget": self.main_budget, "seed_index": k, "stage": t, **cost})
+                self.repetition(k, seed, t, signals)
         return self.write()
+
+    def reference_for(self, t: int, hist: EncodedRows, test: EncodedRows) -> None:
+        """Train the zoo on full history with the reference seeds; records the leave-one-out ceiling."""
+        test_ref = self.runner().put(test.batch()) if self.cfg.evaluate.parallel else test.batch()
+        train_ref = hist.batch()
+        runs: Dict[str, List[float]] = {c.name: [] for c in self.cands}
+        for r in range(self.cfg.bench.reference_seeds):
+            res = self.train_set(REFERENCE, None, r, derive_seed(self.cfg.seed, "reference", r), t, train_ref, test_ref, {"train_rows": len(hist)})
+            for c, rec in res.items():
+                runs[c].append(rec["auc"])
+        self.reference[t] = Reference(runs)
+        for m in self.reference[t].leave_one_out():
+            r = m.pop("left_out")
+            self.fid.append({"kind": "fidelity", "variant": FULL_SINGLE, "budget": None, "epochs": None, "seed_index": r,
+                             "stage": t, "test_stage": t + 1, "train_rows": len(hist), "candidates": len(self.cands), **m})
+        log.info("stage %d reference: %d seeds, %d of %d candidate pairs resolvable", t, self.reference[t].seeds,
+                 len(self.reference[t].pairs), len(self.cands) * (len(self.cands) - 1) // 2)
+
+    def repetition(self, k: int, seed: int, t: int, signals: "ExpertSignals") -> None:
+        """Repetition k at stage t: the same-seed full run, then every training set at every
+        budget (first memory epochs) and at memory.ratio for the other memory epochs."""
+        cfg = self.cfg
+        stage_sizes = [s.rows for s in self.fmap.stages]
+        hist = self.store.read_history(t)
+        test = self.store.read_stage(t + 1).with_unknown_as_oov(self.fmap, t)
+        test_ref = self.runner().put(test.batch()) if cfg.evaluate.parallel else test.batch()
+        full = self.train_set(FULL, None, k, seed, t, hist.batch(), test_ref, {"train_rows": len(hist)})
+        self.compare(FULL, None, k, t, full, full, len(hist))
+        emb: Optional[np.ndarray] = None
+        sets: List[Tuple[str, float, Batch, Optional[Dict[str, Any]]]] = []
+        for b in self.budgets:
+            caps = [capacity(sum(stage_sizes[: s + 1]), dataclasses.replace(cfg.memory, ratio=b)) for s in range(t + 1)]
+            for v in self.variants:
+                if v in MEMORY_VARIANTS:
+                    if v == "static" and b != self.main_budget:
+                        continue
+                    batch, cost = self.memory_for(v, seed, k, b, t, max(self.stages), {})
+                else:
+                    if v == "coreset" and emb is None:
+                        emb = signals.embeddings(t, hist)
+                    batch, cost = hist.batch(self.subset(v, hist, caps, seed, t, b, signals, emb, stage_sizes)), None
+                    if v == "random_teacher":
+                        batch = signals.teacher_labelled(t, batch)
+                sets.append((v, b, batch, cost))
+        if cfg.bench.ablations:
+            for name, changes in ABLATIONS.items():
+                batch, cost = self.memory_for(name, seed, k, self.main_budget, t, max(self.stages), changes)
+                sets.append((name, self.main_budget, batch, cost))
+        for i, e in enumerate(self.epochs):
+            for v, b, batch, cost in sets:
+                if i and b != self.main_budget:
+                    continue  # the budget sweep runs at the first memory epochs only
+                res = self.train_set(v, b, k, seed, t, batch, test_ref, {"train_rows": len(batch)}, epochs=e)
+                self.compare(v, b, k, t, full, res, len(batch), epochs=e)
+                if cost is not None and i == 0:
+                    self.costs.append({"kind": "distill_cost", "variant": v, "budget": b, "seed_index": k, "stage": t, **cost})
 
     def subset(self, v: str, hist: EncodedRows, caps: List[int], seed: int, t: int, b: float,
                signals: ExpertSignals, emb: Optional[np.ndarray], stage_sizes: List[int]) -> np.ndarray:
         k = caps[-1]
-        s = derive_seed(seed, "subset", v, t, budget_tag(b))
-        if v == "random":
+        # random_teacher: the same rows as random at the same seed (only the labels differ).
+        s = derive_seed(seed, "subset", "random" if v == "random_teacher" else v, t, budget_tag(b))
+        if v in ("random", "random_teacher"):
             return S.random_subset(len(hist), k, s)
         if v == "recent":
             return S.recent_subset(hist.ts, hist.row_id, k)
@@ -438,7 +493,8 @@ class FidelityBench:
     # -- outputs ----------------------------------------------------------------------------
 
     def write(self) -> Dict[str, Any]:
-        from diet_ray.evaluate.fidelity_report import redraw, summarize
+        from diet_ray.bench.fidelity_report import redraw
+        from diet_ray.bench.fidelity_summary import summarize
 
         fs.makedirs(self.out)
         lines = [*self.pops, *self.records, *self.fid, *self.costs]
@@ -450,6 +506,8 @@ class FidelityBench:
             "seeds": self.cfg.bench.seeds,
             "budgets": self.budgets,
             "budget_ratio": self.main_budget,
+            "memory_epochs": self.epochs,
+            "reference_seeds": self.cfg.bench.reference_seeds,
             "candidates": [c.name for c in self.cands],
             "protocol": {
                 **dataclasses.asdict(self.cfg.evaluate.train),
@@ -484,15 +542,21 @@ def bench_fidelity(cfg: Config, out: str, rows: Optional[int] = None, verbose: b
 
 def compact(summary: Dict[str, Any], out: str) -> Dict[str, Any]:
     """The printed result (and OUT/fidelity.json): one row per variant at the main budget."""
-    from diet_ray.evaluate.fidelity_report import order_variants
+    from diet_ray.bench.fidelity_report import order_variants
 
     rows = []
+    paired = (summary["variants"].get("diet") or {}).get("paired") or {}
     for name in order_variants(summary["variants"]):
         e = summary["variants"][name]
+        p = paired.get(name)
         rows.append({
-            "variant": name, "kendall": e["kendall_mean"], "kendall_std": e["kendall_std"], "spearman": e["spearman_mean"],
-            "regret": e["regret_mean"], "auc_gap": e["auc_gap_mean"], "steps_x": e["cost_ratio_steps"], "wall_x": e["cost_ratio_wall"],
-            "break_even": e.get("break_even_candidates_steps"),
+            "variant": name, "tau_ref": e.get("kendall_ref_mean"), "tau_ref_std": e.get("kendall_ref_std"),
+            "pairs": e.get("pair_agreement_mean"), "regret_ref": e.get("regret_ref_mean"), "tau_same_seed": e.get("kendall_mean"),
+            "steps_x": e.get("cost_ratio_steps"), "wall_x": e.get("cost_ratio_wall"),
+            "diet_minus": None if p is None else f"{p['delta_kendall_ref_mean']:+.3f} ± {p['delta_kendall_ref_se']:.3f}"
+                                                  f"{' (2 SE)' if p['beyond_2se'] else ''}",
         })
+    ref = summary.get("reference") or {}
     return {"out": out, "budget_ratio": summary["budget_ratio"], "seeds": summary["seeds"], "stages": summary["stages"],
+            "reference_seeds": ref.get("seeds"), "resolvable_pairs": f"{ref.get('resolvable_pairs')} of {ref.get('pairs')}",
             "bench_wall_s": summary.get("bench_wall_s"), "summary": fs.join(out, SUMMARY), "table": fs.join(out, "table.md"), "variants": rows}

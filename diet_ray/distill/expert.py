@@ -20,7 +20,7 @@ import io
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +33,7 @@ from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import RunStateError
 from diet_ray.models import CTRModel, build_model
+from diet_ray.models.batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,22 @@ class StreamExpert:
 
     def build_model(self) -> CTRModel:
         return build_model(dict(self.cfg.model), self.spec, seed=derive_seed(self.seed, "init"))
+
+    def teacher(self, es: ExpertStage, bound: float) -> Callable[[Batch], torch.Tensor]:
+        """batch -> the expert's logits at the stage's last checkpoint, clipped to +-``bound``:
+        soft labels that carry what training on the whole stream taught, which one 0/1 label
+        per row cannot (docs/method.md). The model is built once, however often it is asked."""
+        model = self.build_model()
+        model.load_state_dict(es.checkpoints[-1].state)
+        model.eval()
+
+        def label(batch: Batch) -> torch.Tensor:
+            with torch.no_grad():
+                out = [model.logits(batch.select(torch.arange(i, min(i + 65536, len(batch))))) for i in range(0, len(batch), 65536)]
+            z = torch.cat(out) if out else torch.zeros(0)
+            return z.float().clamp(-bound, bound)
+
+        return label
 
     # -- training -------------------------------------------------------------------------
 

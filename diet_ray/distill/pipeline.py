@@ -105,24 +105,6 @@ def _select_rows(
     return rows.take(order), scores[order], info
 
 
-def expert_teacher(expert: StreamExpert, es: ExpertStage, bound: float) -> Callable[[Any], torch.Tensor]:
-    """batch -> the stream expert's logits (last checkpoint of the stage), clipped to
-    +-``bound``: soft slot labels that carry what training on the full stream taught, which
-    one 0/1 label per row cannot (README deviations has the measurement). The model is built
-    once per stage, however many times the labels are asked for."""
-    model = expert.build_model()
-    model.load_state_dict(es.checkpoints[-1].state)
-    model.eval()
-
-    def teacher(batch) -> torch.Tensor:
-        with torch.no_grad():
-            out = [model.logits(batch.select(torch.arange(i, min(i + 65536, len(batch))))) for i in range(0, len(batch), 65536)]
-        z = torch.cat(out) if out else torch.zeros(0)
-        return z.float().clamp(-bound, bound)
-
-    return teacher
-
-
 def _expert_labels_before(run_cfg: Config, fmap: FeatureMap, t: int) -> bool:
     """Whether stage t-1 ran with the expert's labels (its recipe, from the run's config)."""
     if t == 0:
@@ -257,7 +239,7 @@ def run_stage(
     t0 = time.perf_counter()
     teacher = None
     if cfg.memory.label_init == "expert":
-        teacher = expert_teacher(expert, es, float(cfg.memory.init_logit))
+        teacher = expert.teacher(es, float(cfg.memory.init_logit))
         if cfg.memory.label_refresh and memory is not None and len(memory):
             memory = memory.detached()
             memory.label_logit = teacher(memory.to_batch(cfg.memory.temperature))

@@ -75,3 +75,38 @@ def spread(values: Sequence[float]) -> float:
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     return float(v.max() - v.min()) if v.size else math.nan
+
+
+# ----------------------------------------------------------------- against a seed-averaged reference
+
+
+def resolvable_pairs(runs: dict, z: float = 2.0) -> list:
+    """Candidate pairs whose reference AUC difference exceeds ``z`` standard errors of that
+    difference over the reference seeds: ``runs`` = {candidate: [AUC per seed]} with the seeds
+    aligned. Returns [(a, b, sign)] with sign = +1 when a's mean AUC is above b's. The SE is
+    std(d_r, ddof=1) / sqrt(R) of the per-seed differences, so fewer than 2 seeds resolve nothing."""
+    names = sorted(runs)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            d = np.asarray(runs[a], dtype=np.float64) - np.asarray(runs[b], dtype=np.float64)
+            d = d[np.isfinite(d)]
+            if d.size < 2:
+                continue
+            mean, se = float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size))
+            if mean != 0.0 and abs(mean) > z * se:
+                out.append((a, b, 1 if mean > 0 else -1))
+    return out
+
+
+def pair_agreement(pairs: Sequence[tuple], aucs: dict) -> float:
+    """Share of the resolvable ``pairs`` (from ``resolvable_pairs``) that ``aucs`` = {candidate:
+    AUC} orders the same way; a tie counts half. NaN when no pair is resolvable (or scored)."""
+    score, n = 0.0, 0
+    for a, b, sign in pairs:
+        x, y = aucs.get(a), aucs.get(b)
+        if x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        n += 1
+        score += 0.5 if x == y else float(np.sign(x - y) == sign)
+    return score / n if n else float("nan")

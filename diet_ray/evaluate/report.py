@@ -79,7 +79,7 @@ def plot_evaluate_auc(recs: List[Dict[str, Any]], out: str) -> str:
 
 def report(run_dir: str) -> List[str]:
     """Draw ``run_dir/report/evaluate_auc.png`` (a fidelity bench dir: its table and plots); returns the files written."""
-    from diet_ray.evaluate.fidelity_report import is_fidelity_dir, redraw
+    from diet_ray.bench.fidelity_report import is_fidelity_dir, redraw
 
     if is_fidelity_dir(run_dir):
         return redraw(run_dir)
