@@ -16,7 +16,10 @@ Query parameters (all optional):
 ``rotate``      0.15       fraction of the popularity ranking rotated per stage
 ``zipf``        1.05       item popularity exponent
 ``user_zipf``   0.8        user activity exponent
-``bias``        -2.5       label logit bias (positive rate about 15-25%)
+``bias``        -3.0       label logit bias (positive rate about 15-25%)
+``pair``        1.2        strength of the user-item match (scaled per category)
+``triple``      0.8        strength of the user x device x category term
+``gate``        1.2        strength of the thresholded user-item affinity
 ``start``       1700000000 unix seconds of the first stage
 ==============  =========  ==========================================================
 
@@ -24,10 +27,20 @@ Columns: ``user item category brand city device hour`` (int64), ``price user_act
 (float32), ``click`` (int8, the label: ``click == 1``), ``ts`` (int64 unix seconds), which is
 exactly the default ``DataConfig`` schema.
 
-The label comes from a known model with interactions:
-``logit = bias + 1.5 * <u, v_s(item)> + W[category, hour//4] + 0.6 * device effect
-- 0.4 * price_z + 0.3 * activity_z``. Drift: item factors random-walk from stage to stage and
-the popularity ranking of items rotates, so what is popular and what is clicked both move.
+The label comes from a known model whose terms need models of increasing order, so that
+architectures and capacities rank apart by more than seed noise:
+
+- first order: a user bias, an item bias, a device effect, ``0.3 * activity_z``;
+- second order: the user-item match ``pair * g[category] * <u, v_s(item)>`` with a per-category
+  strength g (log-normal), a category x hour table, and a per-user price sensitivity
+  ``-s_u * price_z``;
+- third order: ``triple * <p_u * q_device, r_category>``;
+- a non-linearity: ``gate * relu(<w_u, z_s(item)> - 0.5)``, a match that counts only above a
+  threshold (no sum of pairwise terms reproduces it).
+
+Drift: both item factor sets (v, z) random-walk from stage to stage and the popularity ranking
+of items rotates, so what is popular and what is clicked both move. Every table is sized by the
+entity counts, so memory stays bounded whatever the row count.
 
 Every row depends only on (seed, stage, block), never on ``chunk_rows``: chunked generation
 equals one-shot generation.
@@ -69,7 +82,10 @@ class SyntheticSpec:
     rotate: float = 0.15
     zipf: float = 1.05
     user_zipf: float = 0.8
-    bias: float = -2.5
+    bias: float = -3.0
+    pair: float = 1.2
+    triple: float = 0.8
+    gate: float = 1.2
     start: int = 1_700_000_000
 
     def stage_bounds(self) -> List[int]:
@@ -149,6 +165,17 @@ class _World:
         self._item_vec0 = (rng.standard_normal((spec.items, d)) / math.sqrt(d)).astype(np.float32)
         self._vec_stage = 0
         self._vec = self._item_vec0
+        # The label model's higher-order terms (see the module docstring).
+        hi = np.random.default_rng(derive_seed(seed, "synthetic", "world", "terms"))
+        unit = lambda n: (hi.standard_normal((n, d)) / math.sqrt(d)).astype(np.float32)  # noqa: E731
+        self.user_bias = hi.normal(0.0, 0.4, spec.users).astype(np.float32)
+        self.item_bias = hi.normal(0.0, 0.4, spec.items).astype(np.float32)
+        self.cat_gain = np.exp(hi.normal(0.0, 0.5, spec.categories)).astype(np.float32)
+        self.user_price = hi.normal(0.4, 0.4, spec.users).astype(np.float32)
+        self.user_p, self.device_q, self.cat_r = unit(spec.users), unit(spec.devices) * math.sqrt(d), unit(spec.categories)
+        self.user_w = unit(spec.users)
+        self._gate_vec0 = unit(spec.items)
+        self._gate_stage, self._gate = 0, self._gate_vec0
 
     def item_vec(self, stage: int) -> np.ndarray:
         """Item factors after ``stage`` random-walk steps (computed incrementally, cached)."""
@@ -160,6 +187,17 @@ class _World:
             step = rng.standard_normal(self._vec.shape).astype(np.float32) / math.sqrt(self.spec.dim)
             self._vec = self._vec + self.spec.drift * step
         return self._vec
+
+    def gate_vec(self, stage: int) -> np.ndarray:
+        """The gate's item factors after ``stage`` random-walk steps (their own walk, cached)."""
+        if stage < self._gate_stage:
+            self._gate_stage, self._gate = 0, self._gate_vec0
+        while self._gate_stage < stage:
+            self._gate_stage += 1
+            rng = np.random.default_rng(derive_seed(self.seed, "synthetic", "gate-walk", self._gate_stage))
+            step = rng.standard_normal(self._gate.shape).astype(np.float32) / math.sqrt(self.spec.dim)
+            self._gate = self._gate + self.spec.drift * step
+        return self._gate
 
     def item_perm(self, stage: int) -> np.ndarray:
         """rank -> item at ``stage``: the ranking rotates by ``rotate`` of the catalogue per stage."""
@@ -187,14 +225,21 @@ def _block(world: _World, stage: int, block: int, lo: int, hi: int, stage_lo: in
     price = np.exp(logprice).astype(np.float32)
     price_z = (logprice - 3.0) / 0.8
     activity = world.user_activity[users] + rng.normal(0.0, 0.1, n).astype(np.float32)
-    dot = np.einsum("nd,nd->n", world.user_vec[users], world.item_vec(stage)[items]) * math.sqrt(spec.dim)
+    root = math.sqrt(spec.dim)
+    dot = np.einsum("nd,nd->n", world.user_vec[users], world.item_vec(stage)[items]) * root
+    triple = np.einsum("nd,nd,nd->n", world.user_p[users], world.device_q[device], world.cat_r[cat]) * root
+    affinity = np.einsum("nd,nd->n", world.user_w[users], world.gate_vec(stage)[items]) * root
     logit = (
         spec.bias
-        + 1.5 * dot
-        + world.cat_hour[cat, hour // 4]
+        + world.user_bias[users]
+        + world.item_bias[items]
         + 0.6 * world.device_effect[device]
-        - 0.4 * price_z
         + 0.3 * activity
+        + spec.pair * world.cat_gain[cat] * dot
+        + world.cat_hour[cat, hour // 4]
+        - world.user_price[users] * price_z
+        + spec.triple * triple
+        + spec.gate * np.maximum(affinity - 0.5, 0.0)
     )
     click = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
     return {
