@@ -198,7 +198,9 @@ class MemoryConfig:
 
 @dataclass
 class DistillConfig:
-    objective: str = "trajectory"  # trajectory | gradient
+    # trajectory | gradient | scratch (the real-data loss of a student trained from a fresh init
+    # on the memory for inner_steps Adam steps at student_lr: the memory judged as candidates use it)
+    objective: str = "trajectory"
     outer_steps: int = 30
     # 0.2 (was 0.05): support and label logits start saturated at +-memory.init_logit and need
     # larger moves (diet_ray/distill/bilevel.py docstring has the measurements).
@@ -208,6 +210,7 @@ class DistillConfig:
     inner_steps: int = 10
     unroll: int = 5
     inner_lr: float = 0.05  # the SGD student's learning rate (inner_optimizer=sgd, or no expert optimiser state)
+    student_lr: float = 2e-3  # objective=scratch: the from-scratch student's Adam learning rate
     # Learn the inner lr (SGD) / the expert-lr multiplier (expert) in log space with the slots.
     learn_inner_lr: bool = True
     # Slot label logits as outer variables. False: labels stay as initialised (their outer
@@ -281,6 +284,9 @@ class BenchConfig:
     budgets: List[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.05])  # memory.ratio sweep
     variants: List[str] = field(default_factory=lambda: list(FIDELITY_VARIANTS))
     ablations: bool = True  # DIET ablations at memory.ratio only
+    # More DIET runs at memory.ratio, each {name: {dotted key: value}} over expert, influence,
+    # memory and distill keys (e.g. {no_replace: {memory.replace_frac: 0.0}}), paired like ablations.
+    diet_variants: Dict[str, Any] = field(default_factory=dict)
     zoo: Optional[List[Any]] = None  # candidates; None: diet_ray.bench.fidelity.default_zoo()
     # Candidate-training protocol, identical for every variant: evaluate.train (epochs, lr,
     # optimiser), with batch = clamp(ceil(N / steps_per_epoch), min_batch, evaluate.train.batch_size).
@@ -417,7 +423,7 @@ def validate(cfg: Config) -> None:
     for d in cfg.data.derive:
         one_of("data.derive[].op", d.op, ("split_first", "regex"))
     one_of("influence.estimator", cfg.influence.estimator, ("tracin", "grad_norm", "loss", "random"))
-    one_of("distill.objective", cfg.distill.objective, ("trajectory", "gradient"))
+    one_of("distill.objective", cfg.distill.objective, ("trajectory", "gradient", "scratch"))
     one_of("distill.inner_optimizer", cfg.distill.inner_optimizer, ("expert", "sgd"))
     one_of("distill.match", cfg.distill.match, ("reachable", "all"))
     if cfg.distill.expert_grad_scale <= 0 or cfg.distill.inner_lr <= 0:

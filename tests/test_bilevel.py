@@ -91,8 +91,9 @@ def distiller(cfg=CFG, learn=None, index=None, world=1, reduce=None, slots=24):
     learn = np.arange(len(mem)) if learn is None else learn
     kw = {} if reduce is None else {"reduce_sum": reduce}
     optims = expert_run()[2] if cfg.inner_optimizer == "expert" else None
+    spec = model.spec
     d = ShardDistiller(model, states, SlotShard.from_memory(mem, index, learn), cfg, seed=3, stage=0, world_size=world,
-                       optim_states=optims, real=[real], **kw)
+                       optim_states=optims, real=[real], student_factory=lambda s: build_model(MODEL, spec, seed=s), **kw)
     return d, mem, real
 
 
@@ -270,6 +271,23 @@ def test_truncation_only_last_unroll_steps_carry_gradient(base):
     assert not torch.allclose(g1[1], g4[1])
 
 
+def test_scratch_objective_lowers_a_fresh_students_real_loss():
+    d, mem, real = distiller(SCRATCH_CFG)
+    a, b = d.fresh_student(("k", 1)), d.fresh_student(("k", 1))
+    assert all(torch.equal(a[n], b[n]) for n in a)  # seeded: every rank builds the same student
+    assert not torch.equal(a["mlp.0.weight"], d.fresh_student(("k", 2))["mlp.0.weight"])
+    value, grads = d.outer_gradients(real)
+    assert grads[2].abs().sum() > 0 and grads[3].abs().sum() > 0  # labels and weights get a gradient
+    before = d.evaluate(real)
+    for _ in range(15):
+        d.outer_step(real)
+    assert d.evaluate(real) < before
+    assert not torch.equal(d.update().label_logit, mem.label_logit)
+    with pytest.raises(ValueError, match="student_factory"):
+        model, states, mem, real = tiny_problem()
+        ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(len(mem)), np.arange(len(mem))), SCRATCH_CFG)
+
+
 def test_gradient_matching_objective_runs():
     cfg = dataclasses.replace(CFG, objective="gradient")
     d, mem, real = distiller(cfg)
@@ -304,8 +322,10 @@ def test_learnable_inner_lr_moves_and_resume_state_round_trips(base):
 # -- two processes over gloo: the sharded math equals one process ------------------------------
 
 
+# A from-scratch student trained on the memory, judged by its real-data loss.
+SCRATCH_CFG = dataclasses.replace(EXPERT_CFG, objective="scratch", inner_steps=6, unroll=3, student_lr=0.05, learn_inner_lr=False)
 # Both students; the expert one with the shared learnable lr (summed over ranks after backward).
-GLOO_CFGS = {"sgd": CFG, "expert": dataclasses.replace(EXPERT_CFG, learn_inner_lr=True)}
+GLOO_CFGS = {"sgd": CFG, "expert": dataclasses.replace(EXPERT_CFG, learn_inner_lr=True), "scratch": SCRATCH_CFG}
 
 
 def _rank_main(rank: int, port: int, out: str) -> None:

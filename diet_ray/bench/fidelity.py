@@ -62,7 +62,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from diet_ray.config import Config, TrainConfig, config_hash, derive_seed
+from diet_ray.config import FIDELITY_VARIANTS, Config, TrainConfig, config_hash, derive_seed, load_config
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap, StageInfo
 from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir, stage_dir
@@ -171,8 +171,31 @@ def write_prepared_groups(store: StageStore, run_dir: str, groups: Sequence[Sequ
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
-    section, key = dotted.split(".")
-    setattr(getattr(cfg, section), key, value)
+    *path, key = dotted.split(".")
+    node = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, key, value)
+
+
+def diet_variants(cfg: Config) -> Dict[str, Dict[str, Any]]:
+    """The extra DIET runs at memory.ratio: the ablations (``bench.ablations``) and the user's
+    ``bench.diet_variants``, each {name: {dotted key: value}}, checked like a config."""
+    out = dict(ABLATIONS) if cfg.bench.ablations else {}
+    for name, changes in (cfg.bench.diet_variants or {}).items():
+        if name in out or name in FIDELITY_VARIANTS or name in (FULL, FULL_SINGLE, REFERENCE):
+            raise ConfigError(f"bench.diet_variants: '{name}' is taken by a variant or an ablation; choose another name")
+        if not isinstance(changes, dict) or not changes:
+            raise ConfigError(f"bench.diet_variants.{name} must map config keys to values, e.g. {{memory.init: random}}")
+        for key in changes:
+            if str(key).split(".")[0] not in ("expert", "influence", "memory", "distill"):
+                raise ConfigError(f"bench.diet_variants.{name}: '{key}' is not a key of expert, influence, memory or distill")
+        try:
+            load_config(None, [f"{k}={json.dumps(v)}" for k, v in changes.items()])
+        except ConfigError as e:
+            raise ConfigError(f"bench.diet_variants.{name}: {e}") from None
+        out[str(name)] = {str(k): v for k, v in changes.items()}
+    return out
 
 
 def distill_run(
@@ -322,6 +345,7 @@ class FidelityBench:
         self.variants = list(dict.fromkeys(cfg.bench.variants))
         self.epochs = [int(e) for e in dict.fromkeys(cfg.bench.memory_epochs)]
         self.reference: Dict[int, Reference] = {}
+        self.extra_runs = diet_variants(cfg)
         self.cache = _Cache(fs.join(out, CACHE))
         self.records: List[Dict[str, Any]] = []  # fidelity_train
         self.fid: List[Dict[str, Any]] = []  # fidelity
@@ -436,10 +460,9 @@ class FidelityBench:
                     if v == "random_teacher":
                         batch = signals.teacher_labelled(t, batch)
                 sets.append((v, b, batch, cost))
-        if cfg.bench.ablations:
-            for name, changes in ABLATIONS.items():
-                batch, cost = self.memory_for(name, seed, k, self.main_budget, t, max(self.stages), changes)
-                sets.append((name, self.main_budget, batch, cost))
+        for name, changes in self.extra_runs.items():
+            batch, cost = self.memory_for(name, seed, k, self.main_budget, t, max(self.stages), changes)
+            sets.append((name, self.main_budget, batch, cost))
         for i, e in enumerate(self.epochs):
             for v, b, batch, cost in sets:
                 if i and b != self.main_budget:

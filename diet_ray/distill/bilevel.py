@@ -277,11 +277,16 @@ class ShardDistiller:
         device: str | torch.device = "cpu",
         optim_states: Optional[List[Optional[dict]]] = None,
         real: Sequence[Batch] = (),
+        student_factory: Optional[Callable[[int], CTRModel]] = None,
     ):
         if len(trajectory) < 2:
             raise ValueError("the bi-level step needs at least two expert checkpoints (one segment)")
         self.device = torch.device(device)
         self.model = model.to(self.device)
+        # objective=scratch: seed -> a freshly initialised model of the expert's architecture.
+        self.student_factory = student_factory
+        if cfg.objective == "scratch" and student_factory is None:
+            raise ValueError("the scratch objective needs a student_factory (seed -> a fresh model)")
         self.names = [n for n, _ in self.model.named_parameters()]
         self.cfg = cfg
         self.temperature = float(temperature)
@@ -585,9 +590,50 @@ class ShardDistiller:
                 dist = dist + 1 - torch.nn.functional.cosine_similarity(gm.reshape(1, -1), gr.reshape(1, -1), eps=1e-12).squeeze(0)
         return dist, None
 
+    def fresh_student(self, key: Tuple) -> Params:
+        """The student's rows of a freshly initialised model, seeded by ``key`` (the same on every rank)."""
+        state = self.student_factory(derive_seed(self.seed, "bilevel-scratch", self.stage, *key)).state_dict()  # type: ignore[misc]
+        rows = None if self.rows is None else self.rows.cpu().numpy()
+        return {n: _tensor(state[n], rows if n == EMBEDDING else None).to(self.device) for n in self.names}
+
+    def scratch_unroll(self, tensors: List[torch.Tensor], key: Tuple, graph_steps: int) -> Params:
+        """θ_N of a student trained from a fresh init for ``inner_steps`` Adam steps (zero moments,
+        lr ``student_lr``) on memory minibatches, as a candidate trains on the memory; the last
+        ``graph_steps`` keep the graph."""
+        n_steps = self.cfg.inner_steps
+        theta = {n: t.requires_grad_(True) for n, t in self.fresh_student(key).items()}
+        zeros = {n: torch.zeros_like(t) for n, t in theta.items()}
+        st = AdamState(zeros, zeros, 0.0, self.cfg.student_lr, 0.9, 0.999, 1e-8, 0.0)
+        m, v = dict(zeros), {n: t.clone() for n, t in zeros.items()}
+        lr = torch.tensor(self.cfg.student_lr, device=self.device)
+        detached = [t.detach() for t in tensors]
+        first_graph = n_steps - min(graph_steps, n_steps)
+        for k in range(n_steps):
+            graph = k >= first_graph
+            batch = self._minibatch(tensors if graph else detached, ("scratch", *key, k))
+            grads = self._grads(self._memory_loss(theta, batch), theta, create_graph=graph)
+            with torch.set_grad_enabled(graph):
+                theta, m, v = adam_update(theta, dict(zip(self.names, grads)), m, v, k + 1, lr, st)
+            if not graph:
+                theta = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
+                m, v = {n: t.detach() for n, t in m.items()}, {n: t.detach() for n, t in v.items()}
+        return theta
+
+    def _scratch_loss(self, tensors: List[torch.Tensor], key: Tuple, real: Optional[Batch], graph_steps: int):
+        """The real-data loss of a from-scratch student trained on the memory (``scratch_unroll``):
+        the memory is judged as candidates use it. Each rank's real batch is one of W equal shards."""
+        if real is None or len(real) == 0:
+            raise ValueError("the scratch objective needs real rows of the stage")
+        theta = self.scratch_unroll(tensors, key, graph_steps)
+        rows = self._local_rows(real.ids) if self.rows is not None else None
+        loss = weighted_bce(self._logits(theta, real, rows), real.label, real.weight)
+        return torch.zeros((), device=self.device), loss / self.world
+
     def _outer_loss(self, c: int, tensors, key: Tuple, real: Optional[Batch], graph_steps: int):
         if self.cfg.objective == "gradient":
             return self._gradient_loss(c, tensors, key, real)
+        if self.cfg.objective == "scratch":
+            return self._scratch_loss(tensors, key, real, graph_steps)
         return self._trajectory_loss(c, tensors, key, real, graph_steps)
 
     def _global_value(self, shared: torch.Tensor, local: Optional[torch.Tensor]) -> float:
@@ -648,6 +694,8 @@ class ShardDistiller:
         for c in range(len(self.traj) - 1):
             if self.cfg.objective == "gradient":
                 shared, local = self._gradient_loss(c, tensors, ("eval", c), real)
+            elif self.cfg.objective == "scratch":
+                shared, local = self._scratch_loss(tensors, ("eval", c), real, graph_steps=0)
             else:
                 shared, local = self._trajectory_loss(c, tensors, ("eval", c), real, graph_steps=0)
             values.append(self._global_value(shared, local))

@@ -108,8 +108,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
         list(config["cat_names"]), list(config["num_names"]), derive_seed(config["seed"], "bilevel-real", stage, rank),
     )]
-    if not real and cfg.objective == "gradient":
-        raise RuntimeError(f"stage {stage}: no full real batch of {per_rank} rows per worker for gradient matching")
+    if not real and cfg.objective in ("gradient", "scratch"):
+        raise RuntimeError(f"stage {stage}: no full real batch of {per_rank} rows per worker for the {cfg.objective} objective")
     distiller = ShardDistiller(
         model,
         trajectory,
@@ -123,6 +123,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         device=device,
         optim_states=optim_states,
         real=real,
+        student_factory=lambda seed: build_model(dict(config["model"]), spec, seed=seed),
     )
     del trajectory, optim_states  # the student keeps only its rows of them
 
