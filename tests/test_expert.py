@@ -138,6 +138,7 @@ def test_bench_expert_writes_both_optimisers(tmp_path, capsys):
     for key in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio", "speedup_large_vocab"):
         assert saved[key] > 0 and key in result
     cpu = [r for r in saved["optimizers"] if r["device"] == "cpu"]
-    assert [r["optimizer"] for r in cpu] == ["adam", "lazy_adam"]
+    assert [(r["optimizer"], r["grad"]) for r in cpu] == [("adam", "dense"), ("lazy_adam", "sparse"), ("lazy_adam", "dense"),
+                                                          ("lazy_adam", "gather")]
     assert all(r[k] > 0 for r in cpu for k in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio"))
     assert "rows_per_s_large_vocab" in capsys.readouterr().out

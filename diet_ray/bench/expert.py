@@ -1,5 +1,6 @@
 """``diet-ray bench expert --out DIR``: the stream expert's pass rate (rows/s) at a small and a
-large vocabulary, same model and batch, for dense Adam and the row-sparse Adam.
+large vocabulary, same model and batch, for dense Adam and the row-sparse Adam (the latter fed
+its table gradient three ways: see ``pass_rate``).
 
 The pass is the expert's own step (``expert_step`` with ``StreamExpert.build_optimizer``'s
 optimiser) over encoded batches in time order, as in ``StreamExpert.train_stage``; checkpoint
@@ -22,12 +23,14 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from diet_ray.config import EXPERT_OPTIMIZERS, Config
+from diet_ray.config import Config
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
 from diet_ray.distill.expert import StreamExpert, expert_step
 from diet_ray.evaluate.train import torch_threads
+from diet_ray.models import Batch, CTRModel
 
 log = logging.getLogger(__name__)
 
@@ -56,59 +59,82 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def pass_rate(cfg: Config, optimizer: str, vocab: int, rows: int, device: str) -> Dict[str, Any]:
-    """Median rows/s of the expert's pass over ``rows`` rows at a ``vocab``-row table."""
+def gather_step(model: CTRModel, opt: torch.optim.Optimizer, batch: Batch) -> None:
+    """``expert_step`` with the table's gradient built by hand: the batch's unique rows as a leaf,
+    handed to the optimiser as a coalesced sparse gradient (the ``gather`` gradient path)."""
+    opt.zero_grad(set_to_none=True)
+    table = model.embedding.weight
+    uniq, inv = torch.unique(model.global_ids(batch.ids), return_inverse=True)
+    rows = table.detach().index_select(0, uniq).requires_grad_(True)
+    logits = model(batch.ids, batch.probs, batch.numeric, rows=F.embedding(inv, rows))
+    F.binary_cross_entropy_with_logits(logits, batch.label).backward()
+    table.grad = torch.sparse_coo_tensor(uniq.unsqueeze(0), rows.grad, table.shape, is_coalesced=True, check_invariants=False)
+    opt.step()
+
+
+def pass_rate(cfg: Config, optimizer: str, vocab: int, rows: int, device: str, grad: str = "sparse") -> Dict[str, Any]:
+    """Median rows/s of the expert's pass over ``rows`` rows at a ``vocab``-row table. ``grad``
+    (lazy_adam only): how the table's gradient reaches the optimiser, ``sparse`` (the product:
+    sparse embedding gradients), ``dense`` (a dense [V, W] gradient, rows found by the optimiser)
+    or ``gather`` (``gather_step``)."""
     fmap = bench_fmap(vocab)
     expert = StreamExpert(fmap, dataclasses.replace(cfg.expert, optimizer=optimizer), seed=cfg.seed, run_dir="")
     bs = max(1, int(cfg.expert.batch_size))
     data = bench_rows(fmap, max(rows, bs), seed=cfg.seed)
     batches = [data.batch(np.arange(s, min(s + bs, len(data)))).to(device) for s in range(0, len(data), bs)]
+    step = gather_step if grad == "gather" else expert_step
     rates = []
     for _ in range(max(1, int(cfg.bench.expert_repeats))):
         model = expert.build_model().to(device)
         opt = expert.build_optimizer(model)
-        expert_step(model, opt, batches[0])  # warm-up: allocates the optimiser state
+        if grad != "sparse":
+            model.embedding.sparse = False
+        step(model, opt, batches[0])  # warm-up: allocates the optimiser state
         _sync(device)
         t0 = time.perf_counter()
         for b in batches:
-            expert_step(model, opt, b)
+            step(model, opt, b)
         _sync(device)
         rates.append(len(data) / (time.perf_counter() - t0))
     return {"vocab": int(sum(fmap.input_spec().vocab_sizes)), "rows_per_s": statistics.median(rates), "runs": rates}
+
+
+def _pair(cfg: Config, optimizer: str, rows: int, device: str, grad: str) -> Dict[str, Any]:
+    small = pass_rate(cfg, optimizer, cfg.bench.expert_vocab_small, rows, device, grad)
+    large = pass_rate(cfg, optimizer, cfg.bench.expert_vocab_large, rows, device, grad)
+    log.info("expert pass %s %s (%s gradient): %.0f rows/s at %d ids, %.0f at %d ids", device, optimizer, grad,
+             small["rows_per_s"], small["vocab"], large["rows_per_s"], large["vocab"])
+    return {"device": device, "optimizer": optimizer, "grad": grad,
+            "rows_per_s_small_vocab": small["rows_per_s"], "rows_per_s_large_vocab": large["rows_per_s"],
+            "ratio": large["rows_per_s"] / small["rows_per_s"], "vocab": (small["vocab"], large["vocab"])}
 
 
 def bench_expert(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
     n = int(rows or cfg.bench.expert_rows)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     table: List[Dict[str, Any]] = []
-    vocab = {}
     for device in devices:
         with torch_threads(1 if device == "cpu" else None):
-            for optimizer in EXPERT_OPTIMIZERS[::-1]:  # dense Adam (before), then the row-sparse one
-                small = pass_rate(cfg, optimizer, cfg.bench.expert_vocab_small, n, device)
-                large = pass_rate(cfg, optimizer, cfg.bench.expert_vocab_large, n, device)
-                vocab = {"small_vocab": small["vocab"], "large_vocab": large["vocab"]}
-                table.append({
-                    "device": device,
-                    "optimizer": optimizer,
-                    "rows_per_s_small_vocab": small["rows_per_s"],
-                    "rows_per_s_large_vocab": large["rows_per_s"],
-                    "ratio": large["rows_per_s"] / small["rows_per_s"],
-                })
-                log.info("expert pass %s %s: %.0f rows/s at %d ids, %.0f at %d ids", device, optimizer,
-                         small["rows_per_s"], small["vocab"], large["rows_per_s"], large["vocab"])
-    by = {(r["device"], r["optimizer"]): r for r in table}
-    dense, lazy = by[("cpu", "adam")], by[("cpu", "lazy_adam")]
+            table.append(_pair(cfg, "adam", n, device, "dense"))  # before: dense Adam
+            for grad in ("sparse", "dense", "gather"):  # the row-sparse Adam, three ways to feed it
+                table.append(_pair(cfg, "lazy_adam", n, device, grad))
+    small_vocab, large_vocab = table[0].pop("vocab")
+    for r in table[1:]:
+        r.pop("vocab")
+    by = {(r["device"], r["optimizer"], r["grad"]): r for r in table}
+    product = {"adam": ("cpu", "adam", "dense"), "lazy_adam": ("cpu", "lazy_adam", "sparse")}
+    dense, lazy = by[product["adam"]], by[product["lazy_adam"]]
     return {
         "model": dict(cfg.expert.model),
         "batch_size": int(cfg.expert.batch_size),
         "rows": n,
         "repeats": int(cfg.bench.expert_repeats),
         "cpu_threads": 1,
-        **vocab,
-        # The configured expert optimiser's CPU figures at top level; every pair in ``optimizers``.
+        "small_vocab": small_vocab,
+        "large_vocab": large_vocab,
+        # The configured expert optimiser's CPU figures at top level; every variant in ``optimizers``.
         "optimizer": cfg.expert.optimizer,
-        **{k: by[("cpu", cfg.expert.optimizer)][k] for k in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio")},
+        **{k: by[product[cfg.expert.optimizer]][k] for k in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio")},
         "speedup_large_vocab": lazy["rows_per_s_large_vocab"] / dense["rows_per_s_large_vocab"],
         "optimizers": table,
     }
