@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     _common(s, config=False)
     s = sub.add_parser("bench", help="benchmarks: JSON + a printed table")
-    s.add_argument("what", choices=["influence", "prepare", "bilevel", "fidelity", "soak"])
+    s.add_argument("what", choices=["influence", "prepare", "bilevel", "expert", "fidelity", "soak"])
     s.add_argument("--out", required=True)
     s.add_argument("--rows", type=int, default=None)
     _common(s)

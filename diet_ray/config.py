@@ -101,6 +101,11 @@ class RayConfig:
 
 # --------------------------------------------------------------------------------- models
 
+# lazy_adam: Adam with row-sparse updates of the embedding table (diet_ray/models/optim.py,
+# docs/optimizer.md); adam: dense torch.optim.Adam over every parameter.
+OPTIMIZERS = ("lazy_adam", "adam", "adagrad", "sgd")
+EXPERT_OPTIMIZERS = ("lazy_adam", "adam")  # the bi-level student continues the expert's Adam state
+
 
 @dataclass
 class TrainConfig:
@@ -110,7 +115,7 @@ class TrainConfig:
     batch_size: int = 1024
     lr: float = 2e-3
     weight_decay: float = 0.0
-    optimizer: str = "adam"  # adam | adagrad | sgd
+    optimizer: str = "lazy_adam"  # lazy_adam | adam | adagrad | sgd (OPTIMIZERS)
     # At least this many optimiser steps (extra shuffled passes, the last one partial), the same
     # rule for every variant: a 1% memory is otherwise a single step per epoch. 0 = epochs only.
     min_steps: int = 0
@@ -122,6 +127,7 @@ class ExpertConfig:
 
     model: Dict[str, Any] = field(default_factory=lambda: {"model": "dnn", "embed_dim": 16, "hidden": [64, 32]})
     lr: float = 2e-3
+    optimizer: str = "lazy_adam"  # lazy_adam | adam (EXPERT_OPTIMIZERS)
     batch_size: int = 512
     checkpoints_per_stage: int = 4
     holdout_frac: float = 0.1  # newest part of each stage: reference gradient for influence
@@ -294,6 +300,11 @@ class BenchConfig:
     min_batch: int = 16
     coreset: str = "kcenter"  # kcenter | herding
     static_outer_steps: str = "matched"  # matched: distill.outer_steps x (t+1), the staged run's total | same
+    # --- expert bench (diet_ray/bench/expert.py): pass rows/s at two vocabularies ---
+    expert_vocab_small: int = 10_000
+    expert_vocab_large: int = 700_000
+    expert_rows: int = 25_600  # rows per timed pass (--rows overrides)
+    expert_repeats: int = 3  # timed passes per optimiser and vocabulary; the median is reported
 
 
 @dataclass
@@ -314,6 +325,9 @@ class Config:
 # Keys whose change changes a run's result; a resume with a different value is refused.
 # (run.dir, ray.*, evaluate.*, bench.* and io.* do not change the committed memory.)
 RESULT_SECTIONS = ("data", "seed", "expert", "influence", "memory", "distill")
+# Result keys added after runs were written, with the value those runs used: a saved config
+# without the key compares as that value, so such a run resumes with the key set to it.
+LEGACY_RESULT_KEYS = {"expert.optimizer": "adam"}
 
 
 # --------------------------------------------------------------------------------- loading
@@ -439,7 +453,8 @@ def validate(cfg: Config) -> None:
         one_of("memory.large.label_init", large.label_init, LABEL_INITS)
     if large.replace_frac is not None:
         in_range("memory.large.replace_frac", large.replace_frac, 0.0, 1.0)
-    one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, ("adam", "adagrad", "sgd"))
+    one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, OPTIMIZERS)
+    one_of("expert.optimizer", cfg.expert.optimizer, EXPERT_OPTIMIZERS)
     for key in ("epochs", "batch_size"):
         if getattr(cfg.evaluate.train, key) < 1:
             raise ConfigError(f"evaluate.train.{key}={getattr(cfg.evaluate.train, key)} must be >= 1")
@@ -469,7 +484,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"bench.memory_epochs={list(cfg.bench.memory_epochs)} must list epochs >= 1, e.g. [1, 3, 10]")
     one_of("bench.coreset", cfg.bench.coreset, ("kcenter", "herding"))
     one_of("bench.static_outer_steps", cfg.bench.static_outer_steps, ("matched", "same"))
-    for key in ("fidelity_stages", "seeds", "reference_seeds", "steps_per_epoch", "min_batch"):
+    for key in ("fidelity_stages", "seeds", "reference_seeds", "steps_per_epoch", "min_batch", "expert_vocab_small",
+                "expert_vocab_large", "expert_rows", "expert_repeats"):
         if getattr(cfg.bench, key) < 1:
             raise ConfigError(f"bench.{key}={getattr(cfg.bench, key)} must be >= 1")
     for i, cand in enumerate(cfg.evaluate.candidates):
@@ -509,7 +525,7 @@ def config_hash(cfg: Config) -> str:
 def diff_result_keys(saved: Dict[str, Any], cfg: Config) -> List[str]:
     """Result-affecting keys whose value differs between a saved resolved config and ``cfg``."""
     now = result_keys(cfg)
-    before = {k: v for k, v in _flatten({s: saved.get(s) for s in RESULT_SECTIONS}).items()}
+    before = {**LEGACY_RESULT_KEYS, **_flatten({s: saved.get(s) for s in RESULT_SECTIONS})}
     keys = sorted(set(now) | set(before))
     return [k for k in keys if now.get(k) != before.get(k)]
 

@@ -14,11 +14,13 @@ import torch
 from diet_ray.config import DistillConfig, MemoryConfig
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
-from diet_ray.distill.bilevel import ShardDistiller, SlotShard, adam_update, distributed_reduce_sum
+from diet_ray.distill.bilevel import (AdamState, RowClock, ShardDistiller, SlotShard, adam_update, distributed_reduce_sum,
+                                     lazy_adam_update)
 from diet_ray.distill.expert import StreamExpert
 from diet_ray.memory.commit import shard_assignment
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models import build_model
+from diet_ray.models.optim import make_optimizer
 
 VOCAB = (12, 20)
 MODEL = {"model": "dnn", "embed_dim": 4, "hidden": [8]}
@@ -44,22 +46,29 @@ def tiny_rows(n: int, seed: int) -> EncodedRows:
     return EncodedRows(cat, num, label, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64))
 
 
-def expert_run(seed: int = 0):
+def expert_run(seed: int = 0, optimizer: str = "adam"):
     """Copies of ``_expert_run`` (cached: every test starts from the same expert)."""
-    return copy.deepcopy(_expert_run(seed))
+    return copy.deepcopy(_expert_run(seed, optimizer))
 
 
-@functools.lru_cache(maxsize=2)
-def _expert_run(seed: int):
-    """(spec, expert states θ_0..θ_3, Adam state_dict at each, the real rows): 3 segments of 5
-    Adam steps, after 4 warm-up steps so θ_0 carries momentum (as a later stage's start does)."""
+def expert_batch(real: EncodedRows, i: int, optimizer: str):
+    # The row-sparse expert sees 16-row batches, so a step leaves many table rows untouched.
+    size = 64 if optimizer == "adam" else 16
+    return real.batch(np.arange(size) + (i * 17) % 192)
+
+
+@functools.lru_cache(maxsize=4)
+def _expert_run(seed: int, optimizer: str):
+    """(spec, expert states θ_0..θ_3, optimiser state_dict at each, the real rows): 3 segments of
+    5 steps, after 4 warm-up steps so θ_0 carries momentum (as a later stage's start does).
+    ``adam``: dense torch.optim.Adam (the state format of runs before the row-sparse Adam)."""
     spec = tiny_fmap().input_spec()
     model = build_model(MODEL, spec, seed=seed)
     real = tiny_rows(256, seed=1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    opt = make_optimizer(model, optimizer, 0.02)
 
     def step(i: int) -> None:
-        b = real.batch(np.arange(64) + (i * 17) % 192)
+        b = expert_batch(real, i, optimizer)
         opt.zero_grad()
         torch.nn.functional.binary_cross_entropy_with_logits(model.logits(b), b.label).backward()
         opt.step()
@@ -76,29 +85,31 @@ def _expert_run(seed: int):
     return spec, states, optims, real
 
 
-def tiny_problem(slots: int = 24):
+def tiny_problem(slots: int = 24, optimizer: str = "adam"):
     """(model, expert trajectory of 4 states, memory, real batch) all deterministic."""
     fmap = tiny_fmap()
-    spec, states, _, real = expert_run()
+    spec, states, _, real = expert_run(optimizer=optimizer)
     mem = SlotMemory.from_rows(tiny_rows(slots, seed=2), fmap, MemoryConfig(support_k=3), 0, 0,
                                np.random.default_rng(0))
     return build_model(MODEL, spec, seed=9), states, mem, real.batch(np.arange(64))
 
 
-def distiller(cfg=CFG, learn=None, index=None, world=1, reduce=None, slots=24):
-    model, states, mem, real = tiny_problem(slots)
+def distiller(cfg=CFG, learn=None, index=None, world=1, reduce=None, slots=24, optimizer="adam"):
+    model, states, mem, real = tiny_problem(slots, optimizer)
     index = np.arange(len(mem)) if index is None else index
     learn = np.arange(len(mem)) if learn is None else learn
     kw = {} if reduce is None else {"reduce_sum": reduce}
-    optims = expert_run()[2] if cfg.inner_optimizer == "expert" else None
+    optims = expert_run(optimizer=optimizer)[2] if cfg.inner_optimizer == "expert" else None
     spec = model.spec
     d = ShardDistiller(model, states, SlotShard.from_memory(mem, index, learn), cfg, seed=3, stage=0, world_size=world,
                        optim_states=optims, real=[real], student_factory=lambda s: build_model(MODEL, spec, seed=s), **kw)
     return d, mem, real
 
 
-@pytest.mark.parametrize("cfg", [CFG, EXPERT_CFG, dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True)],
-                         ids=["sgd", "expert", "expert-momentum"])
+MOMENTUM_CFG = dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True)
+
+
+@pytest.mark.parametrize("cfg", [CFG, EXPERT_CFG, MOMENTUM_CFG], ids=["sgd", "expert", "expert-momentum"])
 def test_outer_loss_decreases(cfg):
     d, _, real = distiller(cfg)
     assert d.uses_expert_optimiser == (cfg.inner_optimizer == "expert")
@@ -127,6 +138,76 @@ def test_expert_student_replays_torch_adam():
         theta, m, v = adam_update(theta, grads, m, v, st.step + i + 1, torch.tensor(0.02), st)
     for n in d.names:
         torch.testing.assert_close(theta[n].detach(), states[2][n], rtol=1e-4, atol=1e-6)
+
+
+def test_lazy_student_replays_the_row_sparse_adam():
+    """From the row-sparse expert's saved state, fed its own batches, the student's lazy step is
+    LazyAdam's: one step matches the optimiser (untouched rows, their moments and counts exactly),
+    and the segment's 5 steps land on the expert's next checkpoint."""
+    spec, states, optims, real = expert_run(optimizer="lazy_adam")
+    d = ShardDistiller(build_model(MODEL, spec, seed=9), states, SlotShard.from_memory(tiny_problem()[2], np.arange(24), np.arange(24)),
+                       dataclasses.replace(MOMENTUM_CFG, inner_steps=5, unroll=5, match="all"), optim_states=optims)
+    st = d.adam[1]
+    assert st.row_sparse and d.segment_steps(1) == (5, 0.02)
+    # The optimiser's own step from checkpoint 1.
+    model = build_model(MODEL, spec, seed=9)
+    model.load_state_dict(states[1])
+    opt = make_optimizer(model, "lazy_adam", 0.02)
+    opt.load_state_dict(copy.deepcopy(optims[1]))
+    b = expert_batch(real, 5, "lazy_adam")
+    opt.zero_grad()
+    torch.nn.functional.binary_cross_entropy_with_logits(model.logits(b), b.label).backward()
+    opt.step()
+    theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.names}
+    m, v, clock = dict(st.exp_avg), dict(st.exp_avg_sq), RowClock(st.row_step.clone())
+    for i in range(5):
+        b = expert_batch(real, 5 + i, "lazy_adam")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            torch.func.functional_call(d.model, theta, (b.ids, b.probs, b.numeric)), b.label)
+        grads = dict(zip(d.names, torch.autograd.grad(loss, [theta[n] for n in d.names], allow_unused=True, materialize_grads=True)))
+        theta, m, v, clock = lazy_adam_update(theta, grads, m, v, st.step + i + 1, torch.tensor(0.02), st, clock)
+        if i == 0:
+            ost = opt.state[model.embedding.weight]
+            untouched = ~grads["embedding.weight"].ne(0).any(1)
+            assert 0 < int(untouched.sum()) < len(untouched)
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(theta[n].detach(), p.detach(), rtol=1e-5, atol=1e-7)
+            w = theta["embedding.weight"].detach()
+            assert torch.equal(w[untouched], states[1]["embedding.weight"][untouched])
+            assert torch.equal(w[untouched], model.embedding.weight.detach()[untouched])
+            assert torch.equal(m["embedding.weight"][untouched], ost["exp_avg"][untouched])
+            assert torch.equal(v["embedding.weight"][untouched], ost["exp_avg_sq"][untouched])
+            assert torch.equal(clock.step, ost["row_step"].double())
+    for n in d.names:
+        torch.testing.assert_close(theta[n].detach(), states[2][n], rtol=1e-4, atol=1e-6)
+    assert torch.equal(clock.step, d.adam[2].row_step)
+
+
+def test_lazy_student_rows_do_not_drift_with_the_experts_momentum():
+    """No data, the expert's momentum carried: dense parameters coast on it, table rows stay."""
+    lazy, _, _ = distiller(MOMENTUM_CFG, optimizer="lazy_adam")
+    base, start = lazy.baseline(1), lazy.traj[1]
+    assert torch.equal(base["embedding.weight"], start["embedding.weight"])
+    assert any(not torch.equal(base[n], start[n]) for n in lazy.names if n != "embedding.weight")
+    dense, _, _ = distiller(MOMENTUM_CFG)
+    assert not torch.equal(dense.baseline(1)["embedding.weight"], dense.traj[1]["embedding.weight"])
+
+
+def test_adam_state_reads_both_formats_as_tensors_or_numpy():
+    from diet_ray.distill.trainer import _as_numpy
+
+    for optimizer in ("adam", "lazy_adam"):
+        spec, states, optims, _ = expert_run(optimizer=optimizer)
+        names = [n for n, _ in build_model(MODEL, spec).named_parameters()]
+        like = {n: states[2][n] for n in names}
+        a = AdamState.from_torch(optims[2], names, like, torch.device("cpu"))
+        b = AdamState.from_torch(_as_numpy(optims[2]), names, like, torch.device("cpu"), rows=np.array([0, 5, 31]))
+        assert a.row_sparse == b.row_sparse == (optimizer == "lazy_adam") and a.step == b.step == 14
+        assert torch.equal(a.exp_avg_sq["embedding.weight"][[0, 5, 31]], b.exp_avg_sq["embedding.weight"])
+        assert torch.equal(a.exp_avg["bias"], b.exp_avg["bias"])
+        if a.row_sparse:
+            assert torch.equal(a.row_step[[0, 5, 31]], b.row_step) and float(a.row_step.max()) <= 14
+        assert AdamState.from_torch({**optims[2], "param_groups": []}, names, like, torch.device("cpu")) is None
 
 
 def test_no_data_baseline_and_expert_states_are_optional():
@@ -195,11 +276,11 @@ def test_reachable_match_ignores_rows_no_slot_can_move():
     assert float(d_all._distance(a, b)) > 0.0
 
 
-@pytest.mark.parametrize("cfg", [EXPERT_CFG, dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True)],
-                         ids=["expert", "expert-momentum"])
-def test_student_rows_leave_out_only_rows_nothing_touches(monkeypatch, cfg):
+@pytest.mark.parametrize("cfg,optimizer", [(EXPERT_CFG, "adam"), (MOMENTUM_CFG, "adam"), (MOMENTUM_CFG, "lazy_adam")],
+                         ids=["expert", "expert-momentum", "expert-momentum-lazy"])
+def test_student_rows_leave_out_only_rows_nothing_touches(monkeypatch, cfg, optimizer):
     """The row-restricted student gives the whole-table student's outer loss and gradients."""
-    d, _, real = distiller(cfg)
+    d, _, real = distiller(cfg, optimizer=optimizer)
     own = ShardDistiller._student_rows
 
     def every_row(self, state, real_batches):
@@ -210,7 +291,7 @@ def test_student_rows_leave_out_only_rows_nothing_touches(monkeypatch, cfg):
         return torch.arange(n), torch.arange(n), full
 
     monkeypatch.setattr(ShardDistiller, "_student_rows", every_row)
-    whole, _, _ = distiller(cfg)
+    whole, _, _ = distiller(cfg, optimizer=optimizer)
     assert len(d.rows) < len(whole.rows)
     v1, g1 = d.outer_gradients(real)
     v2, g2 = whole.outer_gradients(real)

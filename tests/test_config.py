@@ -60,6 +60,38 @@ def test_enum_and_range_validation():
             C.load_config(None, [f"{key}=-1"])
 
 
+def test_optimiser_choices_are_validated_with_a_suggestion(capsys):
+    cfg = C.load_config(None, [])
+    assert cfg.expert.optimizer == cfg.evaluate.train.optimizer == "lazy_adam"
+    with pytest.raises(ConfigError, match=r"expert.optimizer='lazyadam' is not one of \['lazy_adam', 'adam'\]. Did you mean 'lazy_adam'"):
+        C.load_config(None, ["expert.optimizer=lazyadam"])
+    with pytest.raises(ConfigError, match="expert.optimizer='sgd'"):  # the student continues an Adam state
+        C.load_config(None, ["expert.optimizer=sgd"])
+    with pytest.raises(ConfigError, match="evaluate.train.optimizer='adamm'.*Did you mean 'adam'"):
+        C.load_config(None, ["evaluate.train.optimizer=adamm"])
+    assert C.load_config(None, ["evaluate.train.optimizer=adam"]).evaluate.train.optimizer == "adam"
+    rc = main(["prepare", "expert.optimizer=lazy"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Did you mean 'lazy_adam'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_saved_before_the_expert_optimiser_key_resumes_as_dense_adam(tmp_path):
+    """A run dir whose config predates ``expert.optimizer`` was trained with dense Adam."""
+    from diet_ray.errors import RunStateError
+    from diet_ray.run_dir import config_path, open_run_dir
+
+    run = f"run.dir={tmp_path / 'r'}"
+    open_run_dir(C.load_config(None, [run, "expert.optimizer=adam"]))
+    path = config_path(str(tmp_path / "r"))
+    text = open(path).read()
+    assert "optimizer: adam\n  batch_size" in text
+    with open(path, "w") as f:
+        f.write(text.replace("  optimizer: adam\n  batch_size", "  batch_size"))
+    open_run_dir(C.load_config(None, [run, "expert.optimizer=adam"]))
+    with pytest.raises(RunStateError, match="expert.optimizer changed"):
+        open_run_dir(C.load_config(None, [run]))
+
+
 def test_config_hash_tracks_only_result_keys():
     a = C.load_config(None, [])
     b = C.load_config(None, ["run.dir=/elsewhere", "ray.num_workers=4", "evaluate.train.epochs=3"])

@@ -94,3 +94,51 @@ def test_out_of_order_and_changed_model_are_refused(tmp_path):
     (tmp_path / "expert" / "stage=0000" / "meta.json").unlink()
     assert ex.load_stage(0) is None
     assert expert_dir(str(tmp_path), 0).endswith("stage=0000")
+
+
+def test_expert_optimiser_is_recorded_and_a_stage_of_the_other_is_refused(tmp_path):
+    import json
+
+    fmap = tiny_fmap()
+    assert CFG.optimizer == "lazy_adam"  # the default
+    lazy = StreamExpert(fmap, CFG, seed=0, run_dir=str(tmp_path / "lazy"))
+    s0 = lazy.train_stage(0, stage_rows(0, 300))
+    groups = s0.checkpoints[-1].optim["param_groups"]
+    assert [g.get("row_sparse", False) for g in groups] == [False, True]
+    with pytest.raises(RunStateError, match="expert.optimizer=lazy_adam"):
+        StreamExpert(fmap, dataclasses.replace(CFG, optimizer="adam"), seed=0, run_dir=str(tmp_path / "lazy")).load_stage(0)
+    # A stage written before the choice existed (dense Adam, no "optimizer" in meta.json) loads
+    # with expert.optimizer=adam, and stage 1 continues its optimiser state.
+    dense_cfg = dataclasses.replace(CFG, optimizer="adam")
+    dense = StreamExpert(fmap, dense_cfg, seed=0, run_dir=str(tmp_path / "dense"))
+    dense.train_stage(0, stage_rows(0, 300))
+    meta = tmp_path / "dense" / "expert" / "stage=0000" / "meta.json"
+    old = json.loads(meta.read_text())
+    del old["optimizer"]
+    meta.write_text(json.dumps(old))
+    assert dense.load_stage(0) is not None
+    s1 = dense.train_stage(1, stage_rows(1, 300))
+    assert float(s1.checkpoints[0].optim["state"][0]["step"]) > 0
+    lazy_again = StreamExpert(fmap, CFG, seed=0, run_dir=str(tmp_path / "dense"))
+    with pytest.raises(RunStateError, match="saved with expert.optimizer=adam"):
+        lazy_again.load_stage(0)
+
+
+def test_bench_expert_writes_both_optimisers(tmp_path, capsys):
+    import json
+
+    from diet_ray.bench import run_bench
+    from diet_ray.config import load_config
+
+    cfg = load_config(None, ["bench.expert_vocab_small=60", "bench.expert_vocab_large=600", "bench.expert_repeats=1",
+                             "expert.batch_size=16", "expert.model={model: dnn, embed_dim: 4, hidden: [8]}"])
+    result = run_bench("expert", cfg, str(tmp_path / "b"), rows=32)
+    saved = json.loads((tmp_path / "b" / "expert.json").read_text())
+    assert saved["optimizer"] == "lazy_adam" and saved["small_vocab"] < saved["large_vocab"]
+    for key in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio", "speedup_large_vocab"):
+        assert saved[key] > 0 and key in result
+    cpu = [r for r in saved["optimizers"] if r["device"] == "cpu"]
+    assert [(r["optimizer"], r["grad"]) for r in cpu] == [("adam", "dense"), ("lazy_adam", "sparse"), ("lazy_adam", "dense"),
+                                                          ("lazy_adam", "gather")]
+    assert all(r[k] > 0 for r in cpu for k in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio"))
+    assert "rows_per_s_large_vocab" in capsys.readouterr().out

@@ -19,6 +19,8 @@ def run_bench(what: str, cfg: Config, out: str, rows: Optional[int] = None, verb
         from diet_ray.bench.bilevel import bench_bilevel as fn
     elif what == "fidelity":
         from diet_ray.bench.fidelity import bench_fidelity as fn
+    elif what == "expert":
+        from diet_ray.bench.expert import bench_expert as fn
     elif what == "soak":
         from diet_ray.bench.soak import bench_soak as fn
     else:

@@ -4,7 +4,7 @@ ceil(memory.ratio * rows) slots.
 
 The stage is synthetic and self-contained (no prepare): field cardinalities follow the
 synthetic stream's defaults scaled to ``rows``; the expert trajectory is K+1 states of a short
-Adam run of the expert model on random rows, which is what the outer step consumes (the
+``expert.optimizer`` run of the expert model on random rows, which is what the outer step consumes (the
 trajectory's quality does not change the step's cost).
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from diet_ray.distill.bilevel import ShardDistiller, SlotShard
 from diet_ray.memory.addressing import capacity
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models import build_model
+from diet_ray.models.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _rows(fmap: FeatureMap, n: int, rng: np.random.Generator) -> EncodedRows:
 
 def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int) -> Tuple[List[Dict[str, torch.Tensor]], List[dict]]:
     model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=derive_seed(cfg.seed, "bench-expert"))
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.expert.lr)
+    opt = make_optimizer(model, cfg.expert.optimizer, cfg.expert.lr)  # the student continues this optimiser's state
     rows = _rows(fmap, cfg.expert.batch_size * 3 * k, rng)
     states = [{n: v.detach().clone() for n, v in model.state_dict().items()}]
     optims = [copy.deepcopy(opt.state_dict())]

@@ -32,13 +32,12 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diet_ray.bench.sampling import PeriodicSampler
 from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import StageStore
-from diet_ray.distill.expert import StreamExpert
+from diet_ray.distill.expert import StreamExpert, expert_step
 from diet_ray.influence.scorer import InfluenceScorer
 
 log = logging.getLogger(__name__)
@@ -84,10 +83,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _train_rate(expert: StreamExpert, batches: List, lr: float, device: str = "cpu") -> float:
+def _train_rate(expert: StreamExpert, batches: List, device: str = "cpu") -> float:
     model = expert.build_model().to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    step = lambda b: (opt.zero_grad(set_to_none=True), F.binary_cross_entropy_with_logits(model.logits(b), b.label).backward(), opt.step())  # noqa: E731
+    opt = expert.build_optimizer(model)
+    step = lambda b: expert_step(model, opt, b)  # noqa: E731
     step(batches[0])  # warm-up
     _sync(device)
     t0 = time.perf_counter()
@@ -102,7 +101,7 @@ def _kernel(cfg: Config, expert: StreamExpert, es, stage_rows, device: str) -> D
     mb = int(cfg.influence.micro_batch)
     n_k = min(len(stage_rows), KERNEL_MAX_ROWS)
     batches = [stage_rows.batch(np.arange(s, min(s + mb, n_k))).to(device) for s in range(0, n_k, mb)]
-    train_rate = _train_rate(expert, batches, cfg.expert.lr, device)
+    train_rate = _train_rate(expert, batches, device)
     t0 = time.perf_counter()
     scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
                              derive_seed(cfg.seed, "influence", 0), device=device)

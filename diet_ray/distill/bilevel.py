@@ -15,7 +15,13 @@ Inner optimiser (``distill.inner_optimizer``):
   ``expert_grad_scale`` (learnable in log space with ``learn_inner_lr``). With
   ``expert_momentum`` it also continues the expert's first moment; the memory's gradient is
   then scaled instead of the lr. Without optimiser states (runs written before they were saved,
-  a non-Adam expert) it falls back to ``sgd`` with a warning.
+  a non-Adam expert) it falls back to ``sgd`` with a warning. With the row-sparse expert
+  (``expert.optimizer=lazy_adam``, the default) the student steps in that geometry
+  (``lazy_adam_update``): a table row with a zero gradient in an inner step keeps θ, m and v
+  (no momentum drift, no decay of v), and a touched row's bias corrections use its own step
+  count (the expert's per-row count at θ_c plus its touches in the unroll; for a fresh first
+  moment, its touches alone). Dense parameters step as with dense Adam. States saved by dense
+  Adam (runs before the choice) still load and give the dense student.
 - ``sgd``: N = inner_steps plain SGD steps at ``inner_lr`` from θ_c (the original method).
 
 Outer objectives:
@@ -111,8 +117,9 @@ def _tensor(x, rows: Optional[np.ndarray] = None) -> torch.Tensor:
     """A float32 CPU tensor from a tensor or a (possibly read-only, object-store) numpy array,
     keeping only ``rows`` of it when given (gathered before any copy of the whole)."""
     if isinstance(x, np.ndarray):
-        x = x[rows] if rows is not None else np.array(x)
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        # Always a writable copy; 0-d stays 0-d (np.ascontiguousarray would make a scalar [1]).
+        x = np.asarray(x[rows], dtype=np.float32, order="C") if rows is not None else np.array(x, dtype=np.float32, order="C")
+        return torch.from_numpy(x)
     x = x.detach()
     return (x[torch.as_tensor(rows)] if rows is not None else x).to(torch.float32)
 
@@ -131,7 +138,7 @@ def distributed_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class AdamState:
-    """The expert optimiser's (Adam) state at one checkpoint, by parameter name."""
+    """The expert optimiser's (Adam's) state at one checkpoint, by parameter name."""
 
     exp_avg: Params
     exp_avg_sq: Params
@@ -141,28 +148,60 @@ class AdamState:
     beta2: float
     eps: float
     weight_decay: float
+    # The row-sparse Adam (LazyAdam): the table's per-row step counts, float64 [rows]; None for
+    # dense torch.optim.Adam, whose table rows all share ``step``.
+    row_step: Optional[torch.Tensor] = None
+
+    @property
+    def row_sparse(self) -> bool:
+        return self.row_step is not None
 
     @classmethod
     def from_torch(cls, state: Optional[dict], names: List[str], like: Params, device: torch.device,
                    rows: Optional[np.ndarray] = None) -> Optional["AdamState"]:
-        """From ``torch.optim.Adam.state_dict()`` (params in ``named_parameters`` order; tensors or
-        numpy arrays); None when ``state`` is missing or not a plain Adam (amsgrad, decoupled
-        decay, several groups). ``rows``: keep only those rows of the embedding table's moments."""
-        if not state or len(state.get("param_groups", [])) != 1:
+        """From the ``state_dict()`` of ``torch.optim.Adam`` (one group, params in
+        ``named_parameters`` order) or of ``diet_ray.models.optim.LazyAdam`` (named groups, the
+        table's ``row_sparse``); tensors or numpy arrays. None when ``state`` is missing or not a
+        plain Adam (amsgrad, decoupled decay, groups with different hyper-parameters).
+        ``rows``: keep only those rows of the embedding table's moments and step counts."""
+        groups = (state or {}).get("param_groups") or []
+        if not groups:
             return None
-        g = state["param_groups"][0]
-        if "betas" not in g or g.get("amsgrad") or g.get("decoupled_weight_decay") or len(g["params"]) != len(names):
+        owner = {}  # parameter name -> (saved id, its group)
+        for g in groups:
+            if "betas" not in g or g.get("amsgrad") or g.get("decoupled_weight_decay"):
+                return None
+            gnames = g.get("param_names")
+            if gnames is None:  # torch.optim.Adam over model.parameters(): named by position
+                if len(groups) != 1 or len(g["params"]) != len(names):
+                    return None
+                gnames = names
+            owner.update({n: (pid, g) for pid, n in zip(g["params"], gnames)})
+        hyper = {(float(g["lr"]), tuple(float(b) for b in g["betas"]), float(g["eps"]), float(g.get("weight_decay", 0.0)))
+                 for g in groups}
+        if sorted(owner) != sorted(names) or len(hyper) != 1:
             return None
-        m, v, step = {}, {}, 0.0
-        for pid, n in zip(g["params"], names):
+        m, v, step, row_step = {}, {}, 0.0, None
+        for n in names:
+            pid, g = owner[n]
             st = state["state"].get(pid) or state["state"].get(str(pid))
             zeros = torch.zeros_like(like[n])
             pick = rows if n == EMBEDDING else None
             m[n] = _tensor(st["exp_avg"], pick).to(device) if st else zeros
             v[n] = _tensor(st["exp_avg_sq"], pick).to(device) if st else zeros.clone()
             step = max(step, float(st["step"])) if st else step
-        b1, b2 = g["betas"]
-        return cls(m, v, step, float(g["lr"]), float(b1), float(b2), float(g["eps"]), float(g.get("weight_decay", 0.0)))
+            if g.get("row_sparse"):
+                if n != EMBEDDING:
+                    return None
+                row_step = _counts(st["row_step"], pick).to(device) if st else torch.zeros(len(zeros), dtype=torch.float64, device=device)
+        (lr, (b1, b2), eps, wd), = hyper
+        return cls(m, v, step, lr, b1, b2, eps, wd, row_step)
+
+
+def _counts(x, rows: Optional[np.ndarray]) -> torch.Tensor:
+    """Per-row step counts (tensor or numpy, int or float) as float64, ``rows`` of them when given."""
+    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x.detach().cpu())
+    return (t[torch.as_tensor(rows)] if rows is not None else t).to(torch.float64)
 
 
 def adam_update(theta: Params, grads: Params, m: Params, v: Params, step: float, lr: torch.Tensor, st: AdamState,
@@ -174,12 +213,50 @@ def adam_update(theta: Params, grads: Params, m: Params, v: Params, step: float,
     c1, c2 = 1 - b1 ** (step if m_step is None else m_step), 1 - b2**step
     out_t, out_m, out_v = {}, {}, {}
     for n, g in grads.items():
-        if st.weight_decay:
-            g = g + st.weight_decay * theta[n]
-        out_m[n] = b1 * m[n] + (1 - b1) * g
-        out_v[n] = b2 * v[n] + (1 - b2) * g * g
-        out_t[n] = theta[n] - lr * (out_m[n] / c1) / ((out_v[n] / c2 + st.eps**2).sqrt() + st.eps)
+        out_t[n], out_m[n], out_v[n] = _adam_tensor(theta[n], g, m[n], v[n], c1, c2, lr, st)
     return out_t, out_m, out_v
+
+
+def _adam_tensor(theta, g, m, v, c1, c2, lr, st: AdamState):
+    """Adam on one tensor; ``c1``/``c2`` are bias corrections (floats, or tensors broadcasting over it)."""
+    if st.weight_decay:
+        g = g + st.weight_decay * theta
+    m = st.beta1 * m + (1 - st.beta1) * g
+    v = st.beta2 * v + (1 - st.beta2) * g * g
+    return theta - lr * (m / c1) / ((v / c2 + st.eps**2).sqrt() + st.eps), m, v
+
+
+@dataclass
+class RowClock:
+    """The row-sparse student's per-row step counts of its table rows (float64 [rows]): ``step``
+    for v (and a carried first moment), ``m_step`` for a first moment started afresh (None: carried)."""
+
+    step: torch.Tensor
+    m_step: Optional[torch.Tensor] = None
+
+
+def lazy_adam_update(theta: Params, grads: Params, m: Params, v: Params, step: float, lr: torch.Tensor, st: AdamState,
+                     clock: RowClock, m_step: Optional[float] = None) -> Tuple[Params, Params, Params, RowClock]:
+    """One differentiable step of the row-sparse Adam (``LazyAdam``): the dense parameters as
+    ``adam_update``; an embedding row whose gradient is zero keeps θ, m, v and its step count,
+    and every other row takes Adam's step with its own count + 1 for the bias corrections."""
+    dense = {n: g for n, g in grads.items() if n != EMBEDDING}
+    out_t, out_m, out_v = adam_update(theta, dense, m, v, step, lr, st, m_step)
+    if EMBEDDING not in grads:
+        return out_t, out_m, out_v, clock
+    g = grads[EMBEDDING]
+    touched = g.detach().ne(0).any(1)
+    t_step = clock.step + touched
+    t_m = None if clock.m_step is None else clock.m_step + touched
+    # Untouched rows keep their values below; clamped counts keep their (unused) branch finite.
+    c1 = (1 - st.beta1 ** (t_step if t_m is None else t_m).clamp_min(1)).to(g.dtype).unsqueeze(1)
+    c2 = (1 - st.beta2 ** t_step.clamp_min(1)).to(g.dtype).unsqueeze(1)
+    new_t, new_m, new_v = _adam_tensor(theta[EMBEDDING], g, m[EMBEDDING], v[EMBEDDING], c1, c2, lr, st)
+    keep = touched.unsqueeze(1)
+    out_t[EMBEDDING] = torch.where(keep, new_t, theta[EMBEDDING])
+    out_m[EMBEDDING] = torch.where(keep, new_m, m[EMBEDDING])
+    out_v[EMBEDDING] = torch.where(keep, new_v, v[EMBEDDING])
+    return out_t, out_m, out_v, RowClock(t_step, t_m)
 
 
 def _positions(rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -482,6 +559,10 @@ class ShardDistiller:
         theta = {n: t.detach().clone().requires_grad_(True) for n, t in self._restrict(self.traj[c], view).items()}
         m = {n: (t.clone() if carry else torch.zeros_like(t)) for n, t in self._restrict(st.exp_avg, view).items()} if st is not None else {}
         v = {n: t.clone() for n, t in self._restrict(st.exp_avg_sq, view).items()} if st is not None else {}
+        clock = None
+        if st is not None and st.row_sparse:
+            rows_step = st.row_step if view is None else st.row_step[view.rows]  # type: ignore[index]
+            clock = RowClock(rows_step, None if carry else torch.zeros_like(rows_step))
         detached = [t.detach() for t in tensors] if tensors is not None else None
         first_graph = n_steps - min(graph_steps, n_steps)
         for k in range(n_steps):
@@ -499,7 +580,10 @@ class ShardDistiller:
                     grads = [g * (scalar if graph else scalar.detach()) for g in grads]
             step_lr = lr if graph else lr.detach()
             with torch.set_grad_enabled(graph):
-                if st is not None:
+                if clock is not None:
+                    theta, m, v, clock = lazy_adam_update(theta, dict(zip(self.names, grads)), m, v, st.step + k + 1,
+                                                          step_lr, st, clock, m_step=None if carry else k + 1)
+                elif st is not None:
                     theta, m, v = adam_update(theta, dict(zip(self.names, grads)), m, v, st.step + k + 1, step_lr, st,
                                               m_step=None if carry else k + 1)
                 else:
@@ -597,14 +681,16 @@ class ShardDistiller:
         return {n: _tensor(state[n], rows if n == EMBEDDING else None).to(self.device) for n in self.names}
 
     def scratch_unroll(self, tensors: List[torch.Tensor], key: Tuple, graph_steps: int) -> Params:
-        """θ_N of a student trained from a fresh init for ``inner_steps`` Adam steps (zero moments,
-        lr ``student_lr``) on memory minibatches, as a candidate trains on the memory; the last
+        """θ_N of a student trained from a fresh init for ``inner_steps`` row-sparse Adam steps
+        (zero moments, lr ``student_lr``) on memory minibatches, as a candidate trains; the last
         ``graph_steps`` keep the graph."""
         n_steps = self.cfg.inner_steps
         theta = {n: t.requires_grad_(True) for n, t in self.fresh_student(key).items()}
         zeros = {n: torch.zeros_like(t) for n, t in theta.items()}
         st = AdamState(zeros, zeros, 0.0, self.cfg.student_lr, 0.9, 0.999, 1e-8, 0.0)
         m, v = dict(zeros), {n: t.clone() for n, t in zeros.items()}
+        # The candidates' default optimiser: the table row-sparse (LazyAdam), each row its own clock.
+        clock = RowClock(torch.zeros(len(theta[EMBEDDING]), dtype=torch.float64, device=self.device)) if EMBEDDING in theta else None
         lr = torch.tensor(self.cfg.student_lr, device=self.device)
         detached = [t.detach() for t in tensors]
         first_graph = n_steps - min(graph_steps, n_steps)
@@ -613,7 +699,10 @@ class ShardDistiller:
             batch = self._minibatch(tensors if graph else detached, ("scratch", *key, k))
             grads = self._grads(self._memory_loss(theta, batch), theta, create_graph=graph)
             with torch.set_grad_enabled(graph):
-                theta, m, v = adam_update(theta, dict(zip(self.names, grads)), m, v, k + 1, lr, st)
+                if clock is not None:
+                    theta, m, v, clock = lazy_adam_update(theta, dict(zip(self.names, grads)), m, v, k + 1, lr, st, clock)
+                else:
+                    theta, m, v = adam_update(theta, dict(zip(self.names, grads)), m, v, k + 1, lr, st)
             if not graph:
                 theta = {n: t.detach().requires_grad_(True) for n, t in theta.items()}
                 m, v = {n: t.detach() for n, t in m.items()}, {n: t.detach() for n, t in v.items()}

@@ -12,6 +12,11 @@ On disk: ``run_dir/expert/stage=NNNN/{ckpt-KK.pt, optim-KK.pt, optim.pt, ref.par
 from; runs written before it existed load with ``optim=None``); every
 file is written atomically and ``meta.json`` is written last, so a stage without it is absent.
 Checkpoints are ``torch.save``d state dicts and are read back with ``weights_only=True``.
+
+Optimiser (``expert.optimizer``): ``lazy_adam`` (default), Adam with row-sparse updates of the
+embedding table (diet_ray/models/optim.py), whose per-step cost does not grow with the
+vocabulary; ``adam``, dense ``torch.optim.Adam`` (stages saved before the choice existed).
+``meta.json`` records it, and a stage saved with the other one is refused.
 """
 from __future__ import annotations
 
@@ -32,8 +37,8 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import RunStateError
-from diet_ray.models import CTRModel, build_model
-from diet_ray.models.batch import Batch
+from diet_ray.models import Batch, CTRModel, build_model
+from diet_ray.models.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,13 @@ def _load_torch(uri: str):
         raise RunStateError(f"{uri}: unreadable expert checkpoint ({e}). Delete {fs.join(uri, '..')} to retrain that stage.")
 
 
+def expert_step(model: CTRModel, opt: torch.optim.Optimizer, batch: Batch) -> None:
+    """One optimiser step of the expert on one batch (the pass's unit of work)."""
+    opt.zero_grad(set_to_none=True)
+    F.binary_cross_entropy_with_logits(model.logits(batch), batch.label).backward()
+    opt.step()
+
+
 def rows_to_table(rows: EncodedRows, fmap: FeatureMap) -> pa.Table:
     cols = {"_row_id": rows.row_id, "_ts": rows.ts, "_label": rows.label}
     cols.update({n: rows.cat[:, i] for i, n in enumerate(fmap.cat_names)})
@@ -121,6 +133,10 @@ class StreamExpert:
 
         return label
 
+    def build_optimizer(self, model: CTRModel) -> torch.optim.Optimizer:
+        """``expert.optimizer`` over ``model`` (lazy_adam also gives the model's table sparse gradients)."""
+        return make_optimizer(model, self.cfg.optimizer, self.cfg.lr)
+
     # -- training -------------------------------------------------------------------------
 
     def train_stage(self, stage: int, rows: EncodedRows) -> ExpertStage:
@@ -128,7 +144,7 @@ class StreamExpert:
         t0 = time.perf_counter()
         train, ref = split_reference(rows, self.cfg.holdout_frac)
         model = self.build_model()
-        opt = torch.optim.Adam(model.parameters(), lr=self.cfg.lr)
+        opt = self.build_optimizer(model)
         if stage > 0:
             prev_dir = expert_dir(self.run_dir, stage - 1)
             meta = self._meta(stage - 1)
@@ -153,11 +169,7 @@ class StreamExpert:
         model.train()
         for c, end in enumerate(ends, start=1):
             while b < end:
-                batch = train.batch(np.arange(b * bs, min((b + 1) * bs, n)))
-                opt.zero_grad(set_to_none=True)
-                loss = F.binary_cross_entropy_with_logits(model.logits(batch), batch.label)
-                loss.backward()
-                opt.step()
+                expert_step(model, opt, train.batch(np.arange(b * bs, min((b + 1) * bs, n))))
                 b += 1
             checkpoints.append(ExpertCheckpoint(c, float(self.cfg.lr), self._state(model), self._optim_state(opt)))
         result = ExpertStage(stage, checkpoints, ref, n, time.perf_counter() - t0, n)
@@ -198,6 +210,7 @@ class StreamExpert:
             "stage": st.stage,
             "checkpoints": [{"index": c.index, "lr": c.lr} for c in st.checkpoints],
             "model": dict(self.cfg.model),
+            "optimizer": self.cfg.optimizer,
             "ref_rows": len(st.ref_rows),
             "train_rows": st.train_rows,
             "wall_s": st.wall_s,
@@ -207,7 +220,8 @@ class StreamExpert:
 
     def _meta(self, stage: int) -> Optional[Dict[str, Any]]:
         """The stage's meta.json (written last: its presence means the stage is complete), or
-        None; one saved for another model or checkpoint count is refused."""
+        None; one saved for another model, optimiser or checkpoint count is refused (stages
+        saved before the optimiser was recorded used dense Adam)."""
         meta_uri = fs.join(expert_dir(self.run_dir, stage), "meta.json")
         if not fs.exists(meta_uri):
             return None
@@ -216,6 +230,12 @@ class StreamExpert:
             raise RunStateError(
                 f"{meta_uri}: saved for model {meta.get('model')} with {len(meta['checkpoints']) - 1} checkpoints, "
                 f"but expert.model={dict(self.cfg.model)}, expert.checkpoints_per_stage={self.K}. Use a new run.dir."
+            )
+        saved = meta.get("optimizer", "adam")
+        if saved != self.cfg.optimizer:
+            raise RunStateError(
+                f"{meta_uri}: saved with expert.optimizer={saved}, but expert.optimizer={self.cfg.optimizer}. "
+                "Use a new run.dir, or set it back to resume."
             )
         return meta
 

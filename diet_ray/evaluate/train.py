@@ -18,6 +18,7 @@ from diet_ray.config import TrainConfig
 from diet_ray.evaluate import metrics
 from diet_ray.models.base import CTRModel, InputSpec, weighted_bce
 from diet_ray.models.batch import Batch
+from diet_ray.models.optim import make_optimizer as build_optimizer
 from diet_ray.models.registry import build_model, train_config_for
 
 log = logging.getLogger(__name__)
@@ -26,16 +27,7 @@ PREDICT_CHUNK = 65536  # rows per no-grad forward at test time (bounds memory)
 
 
 def make_optimizer(model: CTRModel, tc: TrainConfig) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if tc.optimizer == "adam":
-        return torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    if tc.optimizer == "adagrad":
-        return torch.optim.Adagrad(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    if tc.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    from diet_ray.errors import ConfigError
-
-    raise ConfigError(f"optimizer '{tc.optimizer}' is not one of ['adam', 'adagrad', 'sgd']")
+    return build_optimizer(model, tc.optimizer, tc.lr, tc.weight_decay)
 
 
 def detached(batch: Batch) -> Batch:

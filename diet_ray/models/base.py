@@ -56,8 +56,9 @@ class CTRModel(nn.Module):
         return ids + self.offsets.view(*([1] * (ids.dim() - 2)), -1, 1)
 
     def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, F, K] ids -> [B, F, K, W] embedding rows."""
-        return F.embedding(self.global_ids(ids), self.embedding.weight)
+        """[B, F, K] ids -> [B, F, K, W] embedding rows (a row-sparse gradient when the table is
+        ``sparse``, as a row-sparse optimiser sets it)."""
+        return F.embedding(self.global_ids(ids), self.embedding.weight, sparse=self.embedding.sparse)
 
     def fields(self, rows: torch.Tensor, probs: Optional[torch.Tensor], numeric: torch.Tensor) -> torch.Tensor:
         """Pool soft supports and append numeric fields: -> [B, F + N, W]."""
