@@ -188,6 +188,9 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     result = bench_fidelity(cfg, str(out))
     summary = json.loads((out / "summary.json").read_text(), parse_constant=_no_nan)
     assert result["budget_ratio"] == summary["budget_ratio"] == 0.02
+    spent = summary["bench_time"]  # where the time went: distillation, reference and set training, the rest
+    assert set(spent) == {"distill_s", "train_reference_s", "train_sets_s", "other_s"} and spent["distill_s"] > 0
+    assert sum(spent.values()) == pytest.approx(summary["bench_wall_s"])
     budget_sets = {"diet", "random", "random_teacher", "reservoir", "recent", "influence_topk", "coreset"}
     assert set(summary["variants"]) == budget_sets | {"full", "full_single"}
     for name in budget_sets | {"full"}:

@@ -346,6 +346,8 @@ class FidelityBench:
         self.epochs = [int(e) for e in dict.fromkeys(cfg.bench.memory_epochs)]
         self.reference: Dict[int, Reference] = {}
         self.extra_runs = diet_variants(cfg)
+        # Where this invocation's time goes (cached results and resumed runs cost nothing).
+        self.time: Dict[str, float] = {"train_reference_s": 0.0, "train_sets_s": 0.0, "distill_s": 0.0}
         self.cache = _Cache(fs.join(out, CACHE))
         self.records: List[Dict[str, Any]] = []  # fidelity_train
         self.fid: List[Dict[str, Any]] = []  # fidelity
@@ -377,7 +379,10 @@ class FidelityBench:
             runner.cfg = dataclasses.replace(self.cfg, evaluate=dataclasses.replace(self.cfg.evaluate, train=tc))
             seeds = [derive_seed(seed, "candidate", t, c.name) for c in todo]
             tag = variant if epochs is None else f"{variant} {budget} E{epochs}"
+            t0 = time.perf_counter()
             res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {tag}")
+            part = "train_reference_s" if variant in (REFERENCE, FULL) else "train_sets_s"
+            self.time[part] += time.perf_counter() - t0
             self.cache.add([{**base, **r, "candidate": c.name, "model": c.model, "key": keys[c.name]} for c, r in zip(todo, res)])
         out = {}
         for c in self.cands:
@@ -504,7 +509,9 @@ class FidelityBench:
             name, groups, stage = f"static-s{k}-b{budget_tag(b)}-t{t}", [list(range(t + 1))], 0
         else:
             name, groups, stage = f"{v}-s{k}-b{budget_tag(b)}", [[s] for s in range(t_max + 1)], t
+        t0 = time.perf_counter()
         run_dir = distill_run(self.cfg, self.store, self.out, name, seed, b, groups, changes, self.verbose)
+        self.time["distill_s"] += time.perf_counter() - t0
         rcfg = copy.deepcopy(self.cfg)
         for key, val in changes.items():
             set_key(rcfg, key, val)
@@ -557,8 +564,10 @@ def bench_fidelity(cfg: Config, out: str, rows: Optional[int] = None, verbose: b
         else:
             log.info("--rows applies to synthetic sources only; using all of %s", cfg.data.source)
     t0 = time.perf_counter()
-    summary = FidelityBench(cfg, out, verbose).run()
+    bench = FidelityBench(cfg, out, verbose)
+    summary = bench.run()
     summary["bench_wall_s"] = time.perf_counter() - t0
+    summary["bench_time"] = {**bench.time, "other_s": summary["bench_wall_s"] - sum(bench.time.values())}
     fs.write_json_atomic(fs.join(out, SUMMARY), summary)
     return compact(summary, out)
 
@@ -582,4 +591,4 @@ def compact(summary: Dict[str, Any], out: str) -> Dict[str, Any]:
     ref = summary.get("reference") or {}
     return {"out": out, "budget_ratio": summary["budget_ratio"], "seeds": summary["seeds"], "stages": summary["stages"],
             "reference_seeds": ref.get("seeds"), "resolvable_pairs": f"{ref.get('resolvable_pairs')} of {ref.get('pairs')}",
-            "bench_wall_s": summary.get("bench_wall_s"), "summary": fs.join(out, SUMMARY), "table": fs.join(out, "table.md"), "variants": rows}
+            "bench_wall_s": summary.get("bench_wall_s"), "bench_time": summary.get("bench_time"), "summary": fs.join(out, SUMMARY), "table": fs.join(out, "table.md"), "variants": rows}
