@@ -309,7 +309,8 @@ def run_stage(
         "slots": len(merged),
         "grown": plan.grow,
         "replaced": int(len(plan.replace_idx)),
-        "refined": int(len(plan.refine_idx)),
+        # A skipped bi-level step (outer_steps=0, nothing to refine) refines nothing.
+        "refined": 0 if bilevel.get("skipped") else int(len(plan.refine_idx)),
         "relabelled": relabelled,
         **init_info,
         "expert_s": expert_s,
