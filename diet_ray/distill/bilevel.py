@@ -200,7 +200,9 @@ class AdamState:
 
 def _counts(x, rows: Optional[np.ndarray]) -> torch.Tensor:
     """Per-row step counts (tensor or numpy, int or float) as float64, ``rows`` of them when given."""
-    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x.detach().cpu())
+    if isinstance(x, np.ndarray):  # often a read-only view from the object store: copy, never alias
+        return torch.from_numpy(np.array(x[rows] if rows is not None else x, dtype=np.float64))
+    t = x.detach().cpu()
     return (t[torch.as_tensor(rows)] if rows is not None else t).to(torch.float64)
 
 
