@@ -89,7 +89,9 @@ def fit_stage(
     and rank 0's final metrics."""
     import ray
 
-    workers = int(cfg.ray.num_workers)
+    from diet_ray.parallelism import workers as resolved_workers
+
+    workers = resolved_workers(cfg)
     in_process = workers == 0
     assignment = shard_assignment(len(memory), max(1, workers))
     refine_idx = np.asarray(refine_idx, dtype=np.int64)
