@@ -200,7 +200,8 @@ class AdamState:
 
 def _counts(x, rows: Optional[np.ndarray]) -> torch.Tensor:
     """Per-row step counts (tensor or numpy, int or float) as float64, ``rows`` of them when given."""
-    t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x.detach().cpu())
+    # A copy: arrays from the object store are read-only (torch warns on them in the driver).
+    t = torch.from_numpy(np.array(x, dtype=np.float64)) if isinstance(x, np.ndarray) else x.detach().cpu()
     return (t[torch.as_tensor(rows)] if rows is not None else t).to(torch.float64)
 
 
