@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prepare", help="read raw logs, label, split into stages, encode")
     _common(s)
-    s = sub.add_parser("quickstart", help="run + evaluate every stage (full vs memory) on the embedded default")
+    s = sub.add_parser("quickstart", help="run on the embedded synthetic stream, then a verdict: does the memory rank candidates like full history?")
     _common(s)
     s = sub.add_parser("run", help="distill every stage end to end (resumes after the last committed stage)")
     _common(s)
@@ -87,20 +87,6 @@ def embedded_config(name: str) -> str:
     return str(files("diet_ray") / "configs" / f"{name}.yaml")
 
 
-def quickstart(cfg, verbose: bool = False) -> None:
-    """Distill every stage, then train each candidate on full history and on the memory, per stage."""
-    import dataclasses
-
-    from diet_ray.data.stages import StageStore
-    from diet_ray.distill.pipeline import run
-    from diet_ray.evaluate.runner import evaluate
-
-    run(cfg, verbose=verbose)
-    stages = cfg.evaluate.stages or list(range(StageStore(cfg.run.dir).num_stages - 1))
-    ev = dataclasses.replace(cfg.evaluate, stages=stages, variants=["full", "memory"])
-    evaluate(dataclasses.replace(cfg, evaluate=ev), verbose=verbose)
-
-
 def dispatch(args: argparse.Namespace) -> int:
     from diet_ray.config import load_config
 
@@ -132,6 +118,8 @@ def dispatch(args: argparse.Namespace) -> int:
 
         influence_stage(cfg, args.stage, verbose=args.verbose)
     elif verb == "quickstart":
+        from diet_ray.quickstart import quickstart
+
         quickstart(cfg, verbose=args.verbose)
     elif verb == "run":
         from diet_ray.distill.pipeline import run

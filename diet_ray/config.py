@@ -93,7 +93,10 @@ class RunConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # None: local ray.init; "auto" or ray://...: existing cluster
-    num_workers: int = 2  # 0: the bi-level loop runs in the driver (Ray Train's local mode)
+    # auto: in the driver on a local single-node runtime, 2 Train workers when ray.address is set
+    # or the cluster has more than one node (diet_ray/parallelism.py); 0: in the driver (Ray
+    # Train's local mode); N: N Train workers.
+    num_workers: Any = "auto"
     use_gpu: bool = False
     num_cpus: Optional[int] = None  # local mode only; None = all cores
     max_failures: int = 1  # Ray Train FailureConfig
@@ -139,7 +142,9 @@ class ExpertConfig:
 @dataclass
 class InfluenceConfig:
     estimator: str = "tracin"  # tracin | grad_norm | loss | random
-    num_actors: int = 2  # 0: each stage is scored in the driver (no actor pool)
+    # auto: in the driver on a local single-node runtime, a pool of 2 actors on a cluster (as
+    # ray.num_workers); 0: each stage is scored in the driver (no actor pool); N: N actors.
+    num_actors: Any = "auto"
     gpus_per_actor: float = 0.0
     batch_size: int = 8192  # rows per Ray Data batch handed to an actor
     micro_batch: int = 2048  # rows per vmap call (bounds memory)
@@ -470,10 +475,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"distill.unroll={cfg.distill.unroll} must be in [1, distill.inner_steps={cfg.distill.inner_steps}]"
         )
-    if cfg.influence.num_actors < 0:
-        raise ConfigError(f"influence.num_actors={cfg.influence.num_actors} must be >= 1, or 0 to score each stage in the driver")
-    if cfg.ray.num_workers < 0:
-        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} must be >= 1, or 0 to run the bi-level step in the driver")
+    from diet_ray.parallelism import parse
+
+    cfg.influence.num_actors = parse("influence.num_actors", cfg.influence.num_actors, "scoring actors")
+    cfg.ray.num_workers = parse("ray.num_workers", cfg.ray.num_workers, "Train workers")
     for v in cfg.evaluate.variants:
         one_of("evaluate.variants[]", v, ("full", "memory"))
     for v in cfg.bench.variants:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from typing import Optional
 
 from diet_ray.config import RayConfig
@@ -30,6 +31,7 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    quiet = not address and not verbose and quiet_backend()
     kwargs = dict(
         runtime_env={"env_vars": _worker_env_vars(local=not address)},
         log_to_driver=verbose,
@@ -43,7 +45,7 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
     else:
         # Local development: nothing listens beyond loopback; the dashboard is off (0.9 GB RSS).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        with loopback_only():
+        with loopback_only(), (drop_level_notice() if quiet else contextlib.nullcontext()):
             ray.init(
                 num_cpus=cfg.num_cpus,
                 include_dashboard=False,
@@ -51,6 +53,57 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
                 **kwargs,
             )
     quiet_data(verbose)
+
+
+# Ray's C++ log level. Its processes write their logs to the session's files, but a driver's
+# core worker also copies every ERROR line to the console (e.g. Ray Data's actor pool:
+# "core_worker.cc: Actor ... has constructor arguments in the object store and max_restarts > 0",
+# on every stage, for restarts that cannot lose them here). On the local runtime the product
+# starts itself, without --verbose, only fatal lines are logged by the driver, GCS and raylet;
+# workers keep Ray's level (their logs are files only). A value the user set is kept.
+BACKEND_LOG_LEVEL = "RAY_BACKEND_LOG_LEVEL"
+QUIET_BACKEND_LEVEL = "fatal"
+WORKER_BACKEND_LEVEL = "info"  # Ray's default
+
+
+def quiet_backend() -> bool:
+    """Whether the backend runs at the quiet level (not when the user chose another)."""
+    os.environ.setdefault(BACKEND_LOG_LEVEL, QUIET_BACKEND_LEVEL)
+    return os.environ[BACKEND_LOG_LEVEL] == QUIET_BACKEND_LEVEL
+
+
+# The driver's core worker prints the level it read from RAY_BACKEND_LOG_LEVEL as an INFO line
+# on stderr, before that level applies ("logging.cc: Set ray log level from environment ...").
+_LEVEL_NOTICE = b"Set ray log level from environment variable"
+
+
+@contextlib.contextmanager
+def drop_level_notice():
+    """While ``ray.init`` starts the local runtime, the process's stderr (fd 2) goes to a
+    temporary file; afterwards every line but the level notice is written back to it."""
+    import tempfile
+
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    tmp = tempfile.TemporaryFile()
+    os.dup2(tmp.fileno(), 2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        tmp.seek(0)
+        kept = b"".join(line for line in tmp.read().splitlines(keepends=True) if _LEVEL_NOTICE not in line)
+        tmp.close()
+        if kept:
+            os.write(2, kept)
 
 
 @contextlib.contextmanager
@@ -129,6 +182,8 @@ def _worker_env_vars(local: bool = False) -> dict:
     env_vars = {k: os.environ[k] for k in _ENV}
     if local:
         env_vars[_PREEMPTION_WATCHER] = os.environ.get(_PREEMPTION_WATCHER, "0")
+        if os.environ.get(BACKEND_LOG_LEVEL) == QUIET_BACKEND_LEVEL:  # quiet_backend: the driver's only
+            env_vars[BACKEND_LOG_LEVEL] = WORKER_BACKEND_LEVEL
     for k in ("AWS_ENDPOINT_URL", "DIET_RAY_S3_ENDPOINT", "DIET_RAY_FAULT"):
         if k in os.environ:
             env_vars[k] = os.environ[k]

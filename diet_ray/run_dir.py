@@ -24,6 +24,9 @@ def open_run_dir(cfg: C.Config) -> str:
     path = config_path(run_dir)
     if fs.exists(path):
         saved: Dict[str, Any] = OmegaConf.to_container(OmegaConf.create(fs.read_bytes(path).decode()))  # type: ignore[assignment]
+        from diet_ray.parallelism import adopt_saved
+
+        adopt_saved(saved, cfg)  # a run dir made with a number of scoring actors resumes under auto
         changed = C.diff_result_keys(saved, cfg)
         if changed:
             shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")

@@ -54,10 +54,14 @@ def test_enum_and_range_validation():
         C.load_config(None, ["distill.unroll=50"])
     with pytest.raises(ConfigError, match="memory.ratio"):
         C.load_config(None, ["memory.ratio=2.0"])
-    for key in ("influence.num_actors", "ray.num_workers"):  # 0 is the driver; below it is nothing
-        assert getattr(getattr(C.load_config(None, [f"{key}=0"]), key.split(".")[0]), key.split(".")[1]) == 0
-        with pytest.raises(ConfigError, match=f"{key}=-1 must be >= 1, or 0"):
-            C.load_config(None, [f"{key}=-1"])
+    for key in ("influence.num_actors", "ray.num_workers"):  # auto (default), 0 = the driver, N >= 1
+        section, leaf = key.split(".")
+        get = lambda ov: getattr(getattr(C.load_config(None, ov), section), leaf)  # noqa: E731
+        assert get([]) == "auto" and get([f"{key}=AUTO"]) == "auto"
+        assert get([f"{key}=0"]) == 0 and get([f"{key}=3"]) == 3 and get([f"{key}='2'"]) == 2
+        for bad in ("-1", "two", "1.5", "true"):
+            with pytest.raises(ConfigError, match=f"{key}=.* must be 'auto' .*, 0 \\(in the driver\\) or a number of"):
+                C.load_config(None, [f"{key}={bad}"])
 
 
 def test_optimiser_choices_are_validated_with_a_suggestion(capsys):

@@ -1,13 +1,19 @@
 """A calm console: user errors are one line (a traceback only with --verbose); Ray Data's progress
 and INFO lines and the raylet's worker-count notice show only when verbose.
 
-A whole ``diet-ray run``'s stderr is checked in tests/test_s3_pipeline.py (one line per stage,
+A healthy local ``diet-ray run`` (defaults, and the actor pool) prints no WARNING or ERROR line,
+from Ray or from the product, only prepare's lines and one line per stage (below).
+A whole ``diet-ray run``'s stderr is also checked in tests/test_s3_pipeline.py (one line per stage,
 no Ray Data output) and in tests/test_job_submit.py (the job's log).
 """
 from __future__ import annotations
 
 import io
 import logging
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -93,3 +99,34 @@ def test_ray_data_is_silent_unless_verbose(ray_local, tmp_path, capsys):
         ray_runtime.quiet_data(False)
         for h, s in zip(handlers, streams):
             h.setStream(s)
+
+
+# A line of Ray's own logging (C++ "[date time E pid tid] file.cc:N: ..." or Python
+# "... WARNING ...") or a Python warning: none may reach the console of a healthy local run.
+NOISE = re.compile(r"\b(WARNING|ERROR|CRITICAL|Warning|Error)\b|^\[[^\]]* [WEF] \d+ \d+\]|Traceback|core_worker|logging\.cc")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("extra", [
+    pytest.param([], id="defaults"),  # auto: the bi-level step and the scoring in the driver
+    # The actor pool on the local runtime (Ray's core worker logs an ERROR line per pool)
+    pytest.param(["influence.num_actors=1", "distill.outer_steps=0"], id="actor-pool"),
+])
+def test_a_healthy_local_run_prints_no_warning_or_error_line(tmp_path, extra):
+    """``diet-ray run`` in a fresh process that starts its own local runtime: stdout and stderr
+    hold the prepare lines and one line per stage, nothing from Ray and no warning (issue 21)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_BACKEND_LOG_LEVEL")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "diet_ray.cli", "run", "data.source=synthetic://default?rows=3000&stages=2&users=100&items=200",
+         "data.stages.count=2", "expert.model={model: dnn, embed_dim: 4, hidden: [8]}", "distill.outer_steps=2",
+         "distill.inner_steps=2", "distill.unroll=1", "ray.num_cpus=2", f"run.dir={tmp_path / 'run'}", *extra],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert not [line for line in lines if NOISE.search(line)], out
+    stages = [line for line in lines if line.startswith("stage ")]
+    assert len(stages) == 2 and len(lines) == 2 + len(stages), out  # prepare's two lines, then the stages
+    path = "influence: actors=1" if extra else "bi-level: driver, influence: driver"
+    assert all(path in line for line in stages), out

@@ -140,6 +140,7 @@ def _pipeline(store: StageStore, cfg: Config, es, actors: int, estimator: str, b
 
 def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
     from diet_ray.distill.stage_influence import ensure_prepared
+    from diet_ray.parallelism import actors
     from diet_ray.ray_runtime import cluster_cpus, init_ray
     from diet_ray.run_dir import open_run_dir
 
@@ -164,7 +165,7 @@ def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: 
     # -- pipeline: the Ray actor pool end to end ---------------------------------------------
     init_ray(cfg.ray, verbose)
     cpus = cluster_cpus()
-    actor_counts = sorted({int(a) for a in cfg.bench.actors if int(a) >= 1}) or [int(cfg.influence.num_actors)]
+    actor_counts = sorted({int(a) for a in cfg.bench.actors if int(a) >= 1}) or [max(1, actors(cfg.influence, cfg.ray))]
     top = actor_counts[-1]
     with _WorkerRss() as wrss:
         scaling = [_pipeline(store, cfg, es, a, cfg.influence.estimator, "numpy") for a in actor_counts]

@@ -191,8 +191,8 @@ def _new_slots(
     return new
 
 
-def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any], cfg: Config, fmap: FeatureMap) -> None:
-    commit_stage(run_dir, stage, memory, metrics, config_hash(cfg), fmap=fmap)
+def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any], chash: str, fmap: FeatureMap) -> None:
+    commit_stage(run_dir, stage, memory, metrics, chash, fmap=fmap)
     _maybe_kill_driver(stage)
     fs.append_jsonl(fs.join(run_dir, RESULTS_FILE), [dict(kind="stage", **metrics)])
 
@@ -215,13 +215,19 @@ def run_stage(
     id_freq: List[np.ndarray],
     cfg: Config,
     run_dir: str,
+    chash: Optional[str] = None,
 ) -> tuple[SlotMemory, Dict[str, Any]]:
     """Distill stage ``t`` and commit it; returns the committed memory and its metrics.
-    ``id_freq`` (id counts through stage t-1) is updated in place to include stage t."""
+    ``id_freq`` (id counts through stage t-1) is updated in place to include stage t.
+    ``cfg`` has ``ray.num_workers`` and ``influence.num_actors`` resolved (``parallelism.apply``);
+    ``chash`` is the hash of the configured ones (``auto`` stays ``auto``), committed with the stage."""
     from diet_ray.distill.trainer import fit_stage
     from diet_ray.influence.scorer import InfluenceScorer
 
+    from diet_ray.parallelism import resolve
+
     fmap = store.fmap
+    par = resolve(cfg)
     t_stage = time.perf_counter()
     rows = store.read_stage(t)
     for f, counts in enumerate(_id_counts(fmap, rows)):
@@ -267,6 +273,7 @@ def run_stage(
         available_pos=n_pos, available_neg=len(rows) - n_pos,
     )
     init_info: Dict[str, Any] = {}
+    scored = plan.n_new and cfg.memory.init != "random" and len(es.ref_rows)
     if plan.n_new:
         selected, scores, init_info = _select_rows_or_fail(store, t, rows, es, plan, cfg)
         if len(selected) != plan.n_new:
@@ -324,13 +331,17 @@ def run_stage(
         "expert_sample_steps": es.sample_steps,
         "expert_wall_s": es.wall_s,
         "bilevel": bilevel,
-        "workers": int(cfg.ray.num_workers),
+        "workers": par.num_workers,
+        # Which path ran: the bi-level step (driver | train_workers=N | skipped) and the rows'
+        # influence scoring (driver | actors=N | skipped: memory.init=random or no new slots).
+        "path": "skipped" if bilevel.get("skipped") else par.path,
+        "influence_path": par.influence_path if scored else "skipped",
         "next_slot_id": merged.next_slot_id(),
     }
     # metrics.json records validation time (it is written by the commit); the returned metrics
     # and the console line include the commit itself.
     metrics["reconcile_s"] = time.perf_counter() - t0
-    _commit(run_dir, t, merged, metrics, run_cfg, fmap)
+    _commit(run_dir, t, merged, metrics, chash or config_hash(run_cfg), fmap)
     metrics["reconcile_s"] = time.perf_counter() - t0
     metrics["stage_s"] = time.perf_counter() - t_stage
     return merged, metrics
@@ -345,6 +356,7 @@ def _stage_line(m: Dict[str, Any]) -> str:
         f"bi-level {m['bilevel_s']:.1f}s reconcile {m['reconcile_s']:.1f}s | outer loss {loss} | "
         f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined; "
         f"{m.get('recipe', 'small')} recipe{relabelled})"
+        + (f" | bi-level: {m['path']}, influence: {m['influence_path']}" if "path" in m else "")
     )
 
 
@@ -394,6 +406,12 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
         return summary
 
     init_ray(cfg.ray, verbose)
+    from diet_ray import parallelism
+
+    par = parallelism.resolve(cfg)  # once per run, now that Ray is up
+    log.debug("stages run with %s", par.describe())
+    chash, cfg = config_hash(cfg), parallelism.apply(cfg, par)
+    summary["parallelism"] = {"num_workers": par.num_workers, "num_actors": par.num_actors, "reason": par.reason}
     expert = StreamExpert.from_config(cfg, fmap, run_dir)
     memory: Optional[SlotMemory] = load_stage_memory(run_dir, last) if last >= 0 else None
     id_freq = [np.zeros(c.vocab_size, np.int64) for c in fmap.categorical]
@@ -405,7 +423,7 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
 
     with logging_redirect_tqdm():
         for t in tqdm(todo, desc="stages", unit="stage", disable=not (verbose or sys.stderr.isatty())):
-            memory, m = run_stage(t, store, expert, memory, id_freq, cfg, run_dir)
+            memory, m = run_stage(t, store, expert, memory, id_freq, cfg, run_dir, chash)
             summary["per_stage"].append(m)
             log.info(_stage_line(m))
     summary.update(slots=len(memory) if memory is not None else 0, wall_s=time.perf_counter() - t_run)

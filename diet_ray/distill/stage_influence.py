@@ -86,7 +86,9 @@ def stage_scores(store: StageStore, stage: int, rows: EncodedRows, es: ExpertSta
     stage as the driver read it): scored by the driver with ``influence.num_actors=0``, else by
     the actor pool, whose scores come back 24 bytes a row. The same scorer and seed either way."""
     seed = derive_seed(cfg.seed, "influence", stage)
-    if int(cfg.influence.num_actors) == 0:
+    from diet_ray.parallelism import actors
+
+    if actors(cfg.influence, cfg.ray) == 0:
         from diet_ray.influence.scorer import InfluenceScorer
         from diet_ray.models import build_model
 
@@ -113,8 +115,11 @@ def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str,
     es = expert.train_through(store, stage)
     expert_s = time.perf_counter() - t0
 
-    if int(cfg.influence.num_actors) > 0:
+    from diet_ray import parallelism
+
+    if parallelism.actors(cfg.influence, cfg.ray) > 0:
         init_ray(cfg.ray, verbose)
+    cfg = parallelism.apply(cfg)  # auto resolved once, after Ray is up (it is up only for actors)
     t0 = time.perf_counter()
     rows = store.read_stage(stage)
     scores = stage_scores(store, stage, rows, es, cfg, use_gpu=bool(cfg.ray.use_gpu))
@@ -133,9 +138,10 @@ def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str,
         stage=stage, estimator=cfg.influence.estimator, expert_model=dict(cfg.expert.model),
         expert_s=expert_s, expert_sample_steps=es.sample_steps, score_s=score_s,
         rows_per_s=(scores.size / score_s if score_s > 0 else None), ref_rows=len(es.ref_rows),
+        influence_path=parallelism.resolve(cfg).influence_path,
     )
     fs.write_json_atomic(fs.join(out, "summary.json"), summary)
     if scores.size:
         plot_histogram(fs.join(run_dir, "report", f"influence_stage={stage:04d}.png"), label, scores, stage, cfg.influence.estimator)
-    log.info("stage %d: %d rows scored in %.1fs -> %s", stage, scores.size, score_s, out)
+    log.info("stage %d: %d rows scored in %.1fs (influence: %s) -> %s", stage, scores.size, score_s, summary["influence_path"], out)
     return summary

@@ -89,12 +89,14 @@ def fit_stage(
     and rank 0's final metrics."""
     import ray
 
-    workers = int(cfg.ray.num_workers)
+    from diet_ray.parallelism import workers as resolved_workers
+
+    workers = resolved_workers(cfg)
     in_process = workers == 0
     assignment = shard_assignment(len(memory), max(1, workers))
     refine_idx = np.asarray(refine_idx, dtype=np.int64)
     if len(refine_idx) == 0 or cfg.distill.outer_steps == 0 or len(checkpoints) < 2:
-        log.info("stage %d: nothing to refine; bi-level step skipped", stage)
+        log.debug("stage %d: nothing to refine; bi-level step skipped", stage)  # the stage line says "skipped"
         return BilevelResult([memory.take(a) for a in assignment], {"skipped": True, "workers": workers})
 
     t0 = time.perf_counter()

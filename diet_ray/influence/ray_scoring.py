@@ -158,7 +158,9 @@ def score_stage(
 
     if batch_format not in BATCH_FORMATS:
         raise ValueError(f"batch_format {batch_format!r} not in {BATCH_FORMATS}")
-    n = max(1, int(num_actors or cfg.num_actors))
+    from diet_ray.parallelism import CLUSTER_ACTORS, is_auto
+
+    n = max(1, int(num_actors or (CLUSTER_ACTORS if is_auto(cfg.num_actors) else cfg.num_actors)))
     res = actor_resources(cfg, use_gpu, n)
     model = build_model(model_cand, spec, seed=0)
     if cfg.estimator == "random":

@@ -151,7 +151,7 @@ def plan_stage(
     achieved = (kept_pos + n_pos) / total if total else 0.0
     ok = abs(achieved - stage_pos_rate) <= cfg.label_tolerance + 1e-12
     if not ok and total:
-        log.info(
+        log.debug(  # the results line has label_mix_ok; nothing for a user to act on
             "addressing: label mix %.4f cannot reach the stage rate %.4f +- %.4f with %d new slots",
             achieved, stage_pos_rate, cfg.label_tolerance, n_new,
         )

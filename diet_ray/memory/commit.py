@@ -66,7 +66,8 @@ def validate_shards(
 ) -> SlotMemory:
     """Merge the workers' shards, sorted by slot id. Duplicate slot ids (across or within
     shards), non-finite values, out-of-range ids and exceeding ``capacity`` raise RunStateError;
-    a label mix outside ``tolerance`` is logged as a warning. ``report``, when given, receives
+    a label mix outside ``tolerance`` is logged at DEBUG (the expert's soft labels set the mix,
+    so there is nothing for a user to act on; the results line has ``label_mix_ok``). ``report``, when given, receives
     the label-mix numbers and the shard sizes (for the stage metrics)."""
     if not shards:
         raise RunStateError("reconcile: no memory shards were reported by the workers")
@@ -85,7 +86,7 @@ def validate_shards(
         raise RunStateError(f"reconcile: capacity violated: {len(merged)} slots > capacity {capacity}")
     mix = label_mix(merged, target_pos_rate, tolerance, init_logit)
     if not mix["label_mix_ok"]:
-        log.warning(
+        log.debug(
             "reconcile: label mix %.4f is outside %.4f +- %.4f (stage positive rate); kept as is",
             mix["pos_rate_memory"], target_pos_rate, tolerance,
         )
