@@ -23,6 +23,17 @@ def _data_root() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+REAL_DATA_FIXTURES = ("shared_data", "movielens", "taobao")
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _have_real_data() -> bool:
+    return (_data_root() / "ml-latest-small" / "ratings.csv").exists()
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     root = _data_root()
@@ -70,6 +81,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip_gpu)
+    # Under CI the real logs must be there: a missing ../shared/data stops the run in one line
+    # instead of quietly skipping the real-data tests.
+    if _on_ci() and not _have_real_data():
+        needing = [i for i in items if set(REAL_DATA_FIXTURES) & set(getattr(i, "fixturenames", ()))]
+        if needing:
+            pytest.exit(f"CI=true: {len(needing)} tests need the real logs, not found under {_data_root()} "
+                        "(put them in ../shared/data beside the clone or set DIET_RAY_TEST_DATA)", returncode=1)
 
 
 def free_port() -> int:
