@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,6 +15,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# A private, short Ray temp root (Unix socket paths < 108 chars) for this test session and the
+# processes it starts: the marker guard below counts the Ray sessions created under it, and Ray
+# runs elsewhere on the machine neither disturb nor are disturbed by the tests.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="drt", dir="/tmp"))
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,6 +73,33 @@ def ray_local():
     init_ray(RayConfig(num_cpus=2))
     yield ray
     ray.shutdown()
+
+
+def _ray_sessions() -> set:
+    root = Path(os.environ["RAY_TMPDIR"]) / "ray"
+    return {p.name for p in root.glob("session_2*")} if root.exists() else set()
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
+@pytest.fixture(autouse=True)
+def _ray_marker_guard(request):
+    """Every test that starts Ray, in process or in a subprocess it launches, carries the ``ray``
+    marker (``-m "not ray"`` then really runs without Ray). Detected by the ``ray_local`` fixture,
+    by a new session directory under RAY_TMPDIR, or by a runtime left up by the test."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    if "ray_local" in request.fixturenames:
+        pytest.fail(f"{request.node.nodeid} uses the ray_local fixture but lacks @pytest.mark.ray")
+    before, was_up = _ray_sessions(), _ray_up()
+    yield
+    started = sorted(_ray_sessions() - before)
+    if started or (_ray_up() and not was_up):
+        pytest.fail(f"{request.node.nodeid} started Ray ({', '.join(started) or 'in process'}) but lacks @pytest.mark.ray")
 
 
 def pytest_collection_modifyitems(config, items):

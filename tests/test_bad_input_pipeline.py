@@ -53,6 +53,7 @@ def data_overrides(src: Path, run_dir: Path, **stages) -> List[str]:
     ]
 
 
+@pytest.mark.ray
 def test_a_stage_with_zero_rows_flows_through_run_and_evaluate(ray_local, tmp_path, caplog):
     rng = np.random.default_rng(0)
     src = write_csv(tmp_path / "log.csv", day_rows(0, 600, rng, range(30)) + day_rows(2, 600, rng, range(30)))

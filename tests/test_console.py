@@ -66,6 +66,7 @@ def test_raylet_worker_count_notice_only_when_verbose(capfd):
         ray_runtime._filter_raylet_notices(False)
 
 
+@pytest.mark.ray
 def test_ray_data_is_silent_unless_verbose(ray_local, tmp_path, capsys):
     cfg = load_config(None, ["data.source=synthetic://default?rows=3000&stages=2&users=100&items=200",
                              "data.stages.count=2", f"run.dir={tmp_path / 'run'}"])
@@ -112,6 +113,7 @@ NOISE = re.compile(r"\b(WARNING|ERROR|CRITICAL|Warning|Error)\b|^\[[^\]]* [WEF] 
     # The actor pool on the local runtime (Ray's core worker logs an ERROR line per pool)
     pytest.param(["influence.num_actors=1", "distill.outer_steps=0"], id="actor-pool"),
 ])
+@pytest.mark.slow
 def test_a_healthy_local_run_prints_no_warning_or_error_line(tmp_path, extra):
     """``diet-ray run`` in a fresh process that starts its own local runtime: stdout and stderr
     hold the prepare lines and one line per stage, nothing from Ray and no warning (issue 21)."""

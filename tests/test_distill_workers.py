@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import torch
 
@@ -39,6 +40,7 @@ def _one_process(model, states, mem, refine, cfg: Config, stage: int):
     return single.update().apply_to(mem)
 
 
+@pytest.mark.ray
 def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local, tmp_path, monkeypatch):
     import ray
 
@@ -63,6 +65,7 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
     assert [len(s) for s in out.shards] == [len(a) for a in shard_assignment(len(mem), 2)]
 
 
+@pytest.mark.ray
 def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(ray_local, tmp_path):
     """``ray.num_workers=0``: Ray Train's local mode runs the same loop in the driver."""
     import glob

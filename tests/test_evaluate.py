@@ -176,6 +176,7 @@ def test_memory_variant_trains_on_the_committed_memory(tmp_path):
         assert 0.5 < m["auc"] < 1
 
 
+@pytest.mark.ray
 def test_movielens_subset_with_ray_tasks(tmp_path, movielens, configs_dir, ray_local):
     """Real log end to end: prepare (called by evaluate), candidates as parallel Ray tasks."""
     src = tmp_path / "ml"

@@ -198,6 +198,7 @@ def _only_stage_0_visible(run_dir: Path) -> None:
     assert visible == ["stage=0000"], visible
 
 
+@pytest.mark.slow
 def test_worker_death_then_driver_sigkills_resume_to_the_same_memory(reference_run, ray_local, tmp_path):
     """Driver 1: the Train worker process dies at outer step 11 of stage 0 (FailureConfig retry
     from the step-10 checkpoint), then the driver SIGKILLs itself right after committing stage 0

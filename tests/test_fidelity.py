@@ -123,6 +123,7 @@ def test_random_teacher_is_random_rows_with_the_experts_clipped_labels(tmp_path,
     assert batch.weight is None and torch.equal(batch.ids, hist.batch(idx).ids)
 
 
+@pytest.mark.ray
 def test_no_bilevel_ablation_commits_the_selected_rows_unchanged(tmp_path, ml_small, configs_dir, ray_local):
     from diet_ray.bench.fidelity import ABLATIONS
     from diet_ray.distill.expert import StreamExpert
@@ -175,6 +176,8 @@ def _no_nan(const):
     raise AssertionError(f"non-standard JSON constant {const}: undefined numbers must be written as null")
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     out = tmp_path / "bench"
     overrides = [

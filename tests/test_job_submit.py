@@ -26,7 +26,7 @@ from diet_ray.data import fs
 from diet_ray.distill.pipeline import RESULTS_FILE
 from diet_ray.memory.commit import last_committed_stage
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 VENV_BIN = Path(sys.executable).parent
 CONFIG = """\

@@ -10,7 +10,7 @@ import pytest
 from diet_ray.cli import main, setup_logging
 from diet_ray.data import fs
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TINY = [
     "data.source=synthetic://default?rows=4000&stages=3&users=200&items=400", "data.stages.count=3",

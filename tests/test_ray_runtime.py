@@ -26,6 +26,7 @@ def test_a_local_runtime_starts_no_preemption_watcher_unless_asked(monkeypatch):
     assert ray_runtime._worker_env_vars(local=True)["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
+@pytest.mark.ray
 def test_the_session_runtime_passes_the_watcher_switch_to_its_actors(ray_local):
     import ray
 

@@ -45,6 +45,8 @@ def _check_run(run_dir: str, stages: int, ratio: float) -> None:
         prev_max = int(mem.slot_id.max())
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_path):
     src = tmp_path / "ml"
     src.mkdir()

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from diet_ray.cli import main
 from diet_ray.data.synthetic import write_synthetic
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 KEY_ID = "AKIADIETRAYFAKE00042"  # fake, distinctive values: moto accepts any credentials
 SECRET = "dietRayFakeSecret+DoNotLeak/0042"
