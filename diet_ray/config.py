@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -415,6 +416,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             raise _explain(e, schema, f"override '{ov}'", key)
         except (TypeError, ValueError, IndexError) as e:
             raise ConfigError(f"override '{ov}': cannot set '{key}': {str(e).splitlines()[0]}")
+        except yaml.YAMLError as e:  # the value is read as YAML: a flow mapping needs ': ' with a space
+            raise ConfigError(f"override '{ov}': the value is not valid YAML ({str(e).splitlines()[0]}); "
+                              "write mappings as {a: 1, b.c: x}, with a space after each colon")
     try:
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:

@@ -145,3 +145,10 @@ def test_cli_overrides_anywhere_on_the_line(capsys):
     # bench has a positional; overrides may follow -c and come before or after options
     rc = main(["bench", "prepare", "memory.rato=1", "--out", "/tmp/x"])
     assert rc == 2 and "Did you mean 'memory.ratio'" in capsys.readouterr().err
+
+
+def test_an_override_value_that_is_not_yaml_is_one_config_error():
+    with pytest.raises(C.ConfigError, match=r"bench.diet_variants=.*not valid YAML.*space after each colon"):
+        C.load_config(None, ["bench.diet_variants={w0:{memory.init:random}}"])
+    cfg = C.load_config(None, ["bench.diet_variants={w0: {memory.init: random}}"])
+    assert cfg.bench.diet_variants == {"w0": {"memory.init": "random"}}
