@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 from typing import Any, Dict, List
 
 import numpy as np
@@ -123,10 +124,17 @@ def make_verdict(by_set: Dict[str, Dict[str, Dict[str, Any]]], t: int, history_r
         "slots": int(slots),
         "config_hash": config_hash(cfg),
         "candidates": rows,
+        "kendall_null_se": kendall_null_se(len(rows)),
         **small,
         # The memory's one-off cost: the stream expert, influence and the bi-level steps of stages 0..t.
         "distill": distill_cost(run_dir, t, cfg),
     }
+
+
+def kendall_null_se(n: int) -> float:
+    """Standard error of Kendall's τ between two independent rankings of n items,
+    sqrt(2(2n+5) / (9n(n-1))): the scale of one seed's noise in a verdict over n candidates."""
+    return math.sqrt(2.0 * (2 * n + 5) / (9.0 * n * (n - 1))) if n > 1 else float("nan")
 
 
 def _fmt_ratio(r: float) -> str:
@@ -161,6 +169,8 @@ def format_verdict(v: Dict[str, Any]) -> str:
         f"memory ranks candidates at τ={m['kendall']:.2f} vs uniform rows τ={u['kendall']:.2f}, "
         f"at {_fmt_ratio(m['cost_ratio_steps'])} of full history's training cost"
         f" (distilling it cost {v['distill']['sample_steps']:,} sample-steps, once).",
+        f"one seed, {len(rows)} candidates: τ has a standard error of about {v['kendall_null_se']:.2f} here, so a gap under "
+        f"{2 * v['kendall_null_se']:.2f} is a tie; `diet-ray bench fidelity` compares sets over seeds.",
     ]
     return "\n".join(lines)
 

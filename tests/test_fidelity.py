@@ -246,6 +246,9 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     assert all(p.exists() for p in plots) and (out / "table.md").exists() and len(written) == 4
     table = (out / "table.md").read_text()
     assert "| diet |" in table and "| full_single |" in table and "DIET minus each variant" in table and "E=2" in table
+    # The one-off distillation cost table has a row for the DIET run, with its seconds and sample-steps.
+    cost_rows = table.split("One-off distillation cost")[1].split("\n\n")[1].splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in cost_rows] == ["diet"] and float(cost_rows[0].split("|")[6]) > 0
 
     # A rerun resumes the DIET run and reuses every cached candidate result.
     again = bench_fidelity(cfg, str(out))

@@ -53,3 +53,7 @@ def test_quickstart_prints_and_writes_a_verdict(ray_local, tmp_path, capsys):
     assert "Kendall tau" in out and "top-1 regret" in out and f"picture: {png}" in out
     assert f"τ={v['memory']['kendall']:.2f} vs uniform rows τ={v['random']['kendall']:.2f}" in out
     assert all(r["candidate"] in out for r in v["candidates"]) and not math.isnan(v["memory"]["kendall"])
+    # The noise scale of a one-seed verdict: sqrt(2(2n+5) / (9n(n-1))), 0.289 at 8 candidates.
+    n = len(v["candidates"])
+    assert v["kendall_null_se"] == pytest.approx(math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))))
+    assert f"a gap under {2 * v['kendall_null_se']:.2f} is a tie" in out
