@@ -166,10 +166,8 @@ LABEL_INITS = ("row", "expert")  # memory.label_init and memory.large.label_init
 @dataclass
 class LargeMemoryConfig:
     """The recipe of a stage whose capacity C_t is at least ``from_slots`` (None: never): these
-    settings replace the memory/distill ones (a None field leaves its setting alone). The
-    expert's labels and the influence filter lift ranking fidelity on ~1k-slot memories and
-    cost it on 40k-slot ones, where 0/1 labels are plentiful and influence-ranked rows, replaced
-    slots and learnt weights skew the memory (diet_ray/memory/recipe.py, README deviations)."""
+    settings replace the memory/distill ones (a None field leaves its setting alone). Why a
+    second recipe, with its measurements: docs/method.md, "Large memories"."""
 
     from_slots: Optional[int] = 1_000
     init: Optional[str] = "random"  # memory.init
@@ -189,12 +187,12 @@ class MemoryConfig:
     refine_frac: float = 0.1
     label_tolerance: float = 0.05
     # Rows behind new slots: influence_filter = uniform among rows with non-negative influence;
-    # influence = the most influential (DESIGN §5: atypical rows that invert the candidate
-    # ranking, README deviations); random = uniform (ablation).
+    # influence = the most influential (DESIGN §5; it picks atypical rows, docs/method.md);
+    # random = uniform (ablation).
     init: str = "influence_filter"
     # influence_filter per label only where at least this share of the label's rows pass it;
-    # below, that label's rows are drawn uniformly: on MovieLens' last stage 0.42% of positives
-    # pass, near-zero scores whose sign moved with the machine (README deviations). 0 = always.
+    # below, that label's rows are drawn uniformly (too few rows pass to filter them; docs/method.md).
+    # 0 = always.
     filter_min_share: float = 0.05
     # What the filter tests for >= 0: label_mean = the influence less its label's mean over the
     # stage (helpful beyond what any row of the label is); raw = the influence itself.

@@ -118,7 +118,7 @@ def row_labels_back(memory: SlotMemory, store: StageStore, bound: float) -> tupl
     and how many slots found their row. The hand-over from the expert-label recipe to the
     large-memory one: without it the kept slots would keep the expert's soft labels (frozen
     under row labels) beside the new slots' 0/1 ones, a mix that ranked candidates worse than
-    either recipe alone (README deviations). The labels are looked up in the prepared stream
+    either recipe alone (docs/method.md). The labels are looked up in the prepared stream
     (the memory stores the row id, not its label); a slot whose row is not there (none
     recorded) gets its own label hardened to +-``bound``."""
     out = memory.detached()
@@ -295,7 +295,7 @@ def run_stage(
     t0 = time.perf_counter()
     if teacher is not None and cfg.memory.label_refresh:
         # The committed labels are the expert's: the bi-level's label updates fit the expert's
-        # trajectory but cost ranking fidelity (README deviations); supports, numeric values
+        # trajectory but cost ranking fidelity (docs/method.md); supports, numeric values
         # and weights keep what the bi-level learnt. Relabelled before validation, so the
         # label mix is checked (and warned about) once, on the labels that are committed.
         shards = [shard.detached() for shard in shards]

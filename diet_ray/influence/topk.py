@@ -10,7 +10,7 @@ itself (``center="raw"``), is non-negative. The draw is a hash of ``_row_id`` an
 it does not depend on the order rows arrive in. A label is filtered only where at least
 ``min_share`` of its rows pass; below, its rows are drawn uniformly (the same hash): a sliver
 of "helpful" rows is a sliver of near-zero scores whose sign another CPU's kernels can flip
-(README deviations), and it should not decide which rows fill the slots.
+(docs/method.md), and it should not decide which rows fill the slots.
 
 Order: for each label in ``k_per_label``'s order, rank descending; ties by ``_row_id``
 ascending, so the pick does not depend on the rows' order either.

@@ -1,6 +1,6 @@
 """The recipe a stage runs: the configured settings, or ``memory.large``'s once the memory is large.
 
-Why two recipes (README deviations, "Large memories"; measured with the fidelity bench's
+Why two recipes (docs/method.md, "Large memories"; measured with the fidelity bench's
 candidate protocol): on the ~100k-row real logs at 1% (~1k slots) the expert's soft labels and
 the influence filter gave the best ranking fidelity; on a 4M-row synthetic history at 1%
 (40,000 slots) the same recipe ranked candidates at Kendall tau 0.12 against 0.43 for uniform
