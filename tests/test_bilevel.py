@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import socket
 
 import numpy as np
 import pytest
@@ -409,10 +408,11 @@ SCRATCH_CFG = dataclasses.replace(EXPERT_CFG, objective="scratch", inner_steps=6
 GLOO_CFGS = {"sgd": CFG, "expert": dataclasses.replace(EXPERT_CFG, learn_inner_lr=True), "scratch": SCRATCH_CFG}
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
+def _rank_main(rank: int, out: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file store: no TCP port to race for and no store-server thread in rank 0 at exit.
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg-store", rank=rank, world_size=2)
     try:
         torch.set_num_threads(1)
         index = shard_assignment(24, 2)[rank]
@@ -431,20 +431,15 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                         "grads_raw": grads_raw, "logits": upd.logits, "numeric": upd.numeric,
                         "label_logit": upd.label_logit, "weight_param": upd.weight_param,
                         "inner_lr": d.inner_lr().detach()}, f"{out}/{name}-rank{rank}.pt")
+        dist.barrier()  # neither rank tears down gloo while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(str(tmp_path),), nprocs=2, join=True)
     learn = np.arange(0, 24, 2)
     pos = {int(p): i for i, p in enumerate(learn)}  # global position -> row of the single leaves
     for name, cfg in GLOO_CFGS.items():
