@@ -149,7 +149,7 @@ class InfluenceConfig:
     # ray.num_workers); 0: each stage is scored in the driver (no actor pool); N: N actors.
     num_actors: Any = "auto"
     gpus_per_actor: float = 0.0
-    batch_size: int = 8192  # rows per Ray Data batch handed to an actor
+    batch_size: int = 32768  # rows per block handed to a scoring actor at most (docs/performance.md)
     micro_batch: int = 2048  # rows per vmap call (bounds memory)
     projection_dim: int = 0  # >0: seeded random projection of large dense parameters
     projection_min_params: int = 65536  # parameters above this size are projected

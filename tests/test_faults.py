@@ -23,17 +23,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from diet_ray.config import InfluenceConfig, load_config
 from diet_ray.data import fs
-from diet_ray.distill.expert import StreamExpert, rows_to_table
+from diet_ray.distill.expert import StreamExpert
 from diet_ray.distill.pipeline import RESULTS_FILE, run
 from diet_ray.errors import RunStateError
 from diet_ray.faults import FAULT_ENV
-from diet_ray.influence.ray_scoring import score_stage
+from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
 from diet_ray.memory.commit import committed_stages, verify_stage
 from diet_ray.memory.slots import load_stage_memory
@@ -75,28 +74,21 @@ def assert_same_memory(run_a: str, run_b: str, stage: int) -> None:
 
 
 def test_scoring_actor_death_is_retried_without_loss_or_duplicates(ray_local, tmp_path, monkeypatch):
-    import ray.data
-
     fmap = tiny_fmap()
     rows = stage_rows(0, 2000)
     ex = StreamExpert(fmap, CFG, seed=0, run_dir=str(tmp_path / "run"))
     st = ex.train_stage(0, rows)
-    (tmp_path / "stage").mkdir()
-    pq.write_table(rows_to_table(rows, fmap), str(tmp_path / "stage" / "part-0.parquet"))
     cfg = InfluenceConfig(num_actors=1, batch_size=400, micro_batch=128)
 
     flag = tmp_path / "actor-died"
-    monkeypatch.setenv(FAULT_ENV, f"influence:2:{flag}")  # the actor exits at its 3rd batch
-    ds = ray.data.read_parquet(str(tmp_path / "stage"))
-    got = score_stage(ds, CFG.model, fmap.input_spec(), st.checkpoints, st.ref_rows.batch(), fmap, cfg, seed=0).to_pandas()
+    monkeypatch.setenv(FAULT_ENV, f"influence:2:{flag}")  # the actor exits at its 3rd block
+    with ScoringPool(CFG.model, fmap.input_spec(), cfg, num_actors=1) as pool:
+        got = pool.score(rows, st.checkpoints, st.ref_rows.batch(), seed=0)
 
     assert flag.exists(), "the injected actor death did not happen"
-    assert len(got) == len(rows) and got["_row_id"].is_unique  # none lost, none twice
-    assert set(got["_row_id"]) == set(rows.row_id.tolist())
     want = InfluenceScorer(ex.build_model(), st.checkpoints, st.ref_rows.batch(), cfg, seed=0).score(rows.batch())
-    by_id = dict(zip(rows.row_id.tolist(), want))
-    np.testing.assert_allclose(got["influence"].to_numpy(), [by_id[r] for r in got["_row_id"]],
-                               rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert got.shape == want.shape  # none lost, none twice, in the driver's order
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def test_scoring_actors_dying_past_their_retries_fail_the_stage_in_one_line(ray_local, tmp_path, monkeypatch, capsys):

@@ -10,15 +10,14 @@ import dataclasses
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from diet_ray.config import Config, InfluenceConfig, RayConfig, derive_seed
 from diet_ray.distill.bilevel import ShardDistiller, SlotShard
-from diet_ray.distill.expert import ExpertCheckpoint, StreamExpert, rows_to_table
+from diet_ray.distill.expert import ExpertCheckpoint, StreamExpert
 from diet_ray.distill.trainer import fit_stage
-from diet_ray.influence.ray_scoring import score_stage
+from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
 from diet_ray.memory.commit import validate_shards
 
@@ -29,25 +28,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray]
 
 
 def test_gpu_influence_actors_score_every_row_once_like_cpu(ray_local, tmp_path):
-    import ray.data
-
     fmap = test_expert.tiny_fmap()
     rows = test_expert.stage_rows(0, 3000)
     ex = StreamExpert(fmap, test_expert.CFG, seed=0, run_dir=str(tmp_path / "run"))
     st = ex.train_stage(0, rows)
-    (tmp_path / "stage").mkdir()
-    pq.write_table(rows_to_table(rows, fmap), str(tmp_path / "stage" / "part-0.parquet"))
     # Two actors share the one GPU; an actor that got a GPU but cannot use CUDA raises.
     cfg = InfluenceConfig(num_actors=2, gpus_per_actor=0.5, batch_size=500, micro_batch=256)
-    ds = ray.data.read_parquet(str(tmp_path / "stage"))
-    got = score_stage(ds, test_expert.CFG.model, fmap.input_spec(), st.checkpoints, st.ref_rows.batch(), fmap, cfg,
-                      seed=0, use_gpu=True).to_pandas()
+    with ScoringPool(test_expert.CFG.model, fmap.input_spec(), cfg, use_gpu=True, num_actors=2) as pool:
+        got = pool.score(rows, st.checkpoints, st.ref_rows.batch(), seed=0)
 
-    assert len(got) == len(rows) and got["_row_id"].is_unique
     want = InfluenceScorer(ex.build_model(), st.checkpoints, st.ref_rows.batch(), cfg, seed=0, device="cpu").score(rows.batch())
-    by_id = dict(zip(rows.row_id.tolist(), want))
-    aligned = np.array([by_id[r] for r in got["_row_id"]])
-    np.testing.assert_allclose(got["influence"].to_numpy(), aligned, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
 
 
 def test_gpu_train_worker_bilevel_equals_cpu_process(ray_local, tmp_path):

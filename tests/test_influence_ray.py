@@ -7,9 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from diet_ray.config import InfluenceConfig
-from diet_ray.distill.expert import StreamExpert, rows_to_table
-from diet_ray.errors import RunStateError
-from diet_ray.influence.ray_scoring import collect_scores, score_stage, scores_in_order
+from diet_ray.distill.expert import StreamExpert
+from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
 from diet_ray.influence.topk import topk_numpy
 from test_expert import CFG, stage_rows, tiny_fmap
@@ -24,40 +23,25 @@ def test_topk_numpy_per_label_order_and_short_labels():
 
 
 @pytest.mark.ray
-def test_actor_pool_scores_every_row_once(ray_local, tmp_path):
-    import ray.data
+def test_actor_pool_scores_every_row_once_in_order_and_lives_across_stages(ray_local, tmp_path):
+    import ray
 
     fmap = tiny_fmap()
-    rows = stage_rows(0, 3000)
     ex = StreamExpert(fmap, CFG, seed=0, run_dir=str(tmp_path / "run"))
-    st = ex.train_stage(0, rows)
-    table = rows_to_table(rows, fmap)
-    (tmp_path / "stage").mkdir()
-    for i in range(4):  # several blocks, batch size not dividing them
-        pq.write_table(table.slice(i * 750, 750), str(tmp_path / "stage" / f"part-{i}.parquet"))
-    cfg = InfluenceConfig(num_actors=2, batch_size=400, micro_batch=128)
-    ds = ray.data.read_parquet(str(tmp_path / "stage"))
-    scored = score_stage(ds, CFG.model, fmap.input_spec(), st.checkpoints, st.ref_rows.batch(), fmap, cfg, seed=0).materialize()
-
-    got = scored.to_pandas()
-    assert len(got) == len(rows)
-    assert got["_row_id"].is_unique and set(got["_row_id"]) == set(rows.row_id.tolist())
-    assert set(fmap.cat_names) <= set(got.columns)  # the score is appended, every column kept
-    want = InfluenceScorer(ex.build_model(), st.checkpoints, st.ref_rows.batch(), cfg, seed=0).score(rows.batch())
-    by_id = dict(zip(rows.row_id.tolist(), want))
-    want_aligned = np.array([by_id[r] for r in got["_row_id"]])
-    assert np.abs(want).max() > 0
-    np.testing.assert_allclose(got["influence"].to_numpy(), want_aligned, rtol=1e-5, atol=1e-6 * np.abs(want).max())
-
-    # What the pipeline reads back: three columns, then the scores in the driver's row order.
-    table = collect_scores(scored)
-    assert table.column_names == ["_row_id", "_label", "influence"]
-    order = np.random.default_rng(0).permutation(rows.row_id)
-    np.testing.assert_array_equal(scores_in_order(table, order), got.set_index("_row_id").loc[order, "influence"].to_numpy())
-    with pytest.raises(RunStateError, match="returned 3000 scores for the stage's 2999 rows"):
-        scores_in_order(table, rows.row_id[1:])
-    with pytest.raises(RunStateError, match="not one per row id"):
-        scores_in_order(table, np.r_[rows.row_id[1:], rows.row_id[:1] + 10**9])
+    cfg = InfluenceConfig(num_actors=2, batch_size=400, micro_batch=128)  # blocks not dividing the stage
+    with ScoringPool(CFG.model, fmap.input_spec(), cfg, num_actors=2) as pool:
+        seen = []
+        for stage, n in ((0, 3000), (1, 1700)):
+            rows = stage_rows(stage, n)
+            st = ex.train_stage(stage, rows)
+            got = pool.score(rows, st.checkpoints, st.ref_rows.batch(), seed=stage)
+            want = InfluenceScorer(ex.build_model(), st.checkpoints, st.ref_rows.batch(), cfg, seed=stage).score(rows.batch())
+            assert got.shape == (n,) and np.abs(want).max() > 0
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())  # the driver's row order
+            seen.append([a._actor_id.hex() for a in pool.actors])
+            assert ray.get([a.ready.remote() for a in pool.actors]) == [True, True]
+        assert seen[0] == seen[1]  # the second stage ran on the first stage's actors
+    assert pool.actors == [] and pool.cpus == 0.0
 
 
 @pytest.mark.ray

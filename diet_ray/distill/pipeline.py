@@ -70,6 +70,7 @@ def _select_rows(
     es: ExpertStage,
     plan: AddressPlan,
     cfg: Config,
+    pool: Optional[Any] = None,
 ) -> tuple[EncodedRows, Optional[np.ndarray], Dict[str, Any]]:
     """The rows that initialise the plan's new slots, most influential first (or random), their
     scores, and (influence_filter) per label the rows, passing rows and whether it filtered."""
@@ -87,7 +88,7 @@ def _select_rows(
     from diet_ray.distill.stage_influence import stage_scores
 
     # GPUs for the scoring actors only where influence asks for them (ray.use_gpu is the Train workers')
-    scores = stage_scores(store, stage, rows, es, cfg, use_gpu=bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0)
+    scores = stage_scores(store, stage, rows, es, cfg, use_gpu=_scoring_gpu(cfg), pool=pool)
     info: Dict[str, Any] = {}
     if cfg.memory.init == "influence_filter":
         idx, rank, stats = filter_pick(scores, rows.label, rows.row_id, want, derive_seed(cfg.seed, "filter-init", stage),
@@ -141,14 +142,18 @@ def row_labels_back(memory: SlotMemory, store: StageStore, bound: float) -> tupl
     return out, int(found.sum())
 
 
+def _scoring_gpu(cfg: Config) -> bool:
+    return bool(cfg.ray.use_gpu) and cfg.influence.gpus_per_actor > 0
+
+
 def _select_rows_or_fail(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, plan: AddressPlan,
-                         cfg: Config) -> tuple[EncodedRows, Optional[np.ndarray], Dict[str, Any]]:
+                         cfg: Config, pool: Optional[Any] = None) -> tuple[EncodedRows, Optional[np.ndarray], Dict[str, Any]]:
     """``_select_rows``, with a scoring job that failed on Ray (its actors died more often than
     their capped restarts allow) reported as one line naming the stage."""
     import ray.exceptions
 
     try:
-        return _select_rows(store, stage, rows, es, plan, cfg)
+        return _select_rows(store, stage, rows, es, plan, cfg, pool)
     except Exception as e:
         cause: Optional[BaseException] = e
         while cause is not None and not isinstance(cause, ray.exceptions.RayError):
@@ -216,11 +221,13 @@ def run_stage(
     cfg: Config,
     run_dir: str,
     chash: Optional[str] = None,
+    pool: Optional[Any] = None,
 ) -> tuple[SlotMemory, Dict[str, Any]]:
     """Distill stage ``t`` and commit it; returns the committed memory and its metrics.
     ``id_freq`` (id counts through stage t-1) is updated in place to include stage t.
     ``cfg`` has ``ray.num_workers`` and ``influence.num_actors`` resolved (``parallelism.apply``);
-    ``chash`` is the hash of the configured ones (``auto`` stays ``auto``), committed with the stage."""
+    ``chash`` is the hash of the configured ones (``auto`` stays ``auto``), committed with the stage.
+    ``pool``: the run's scoring actors (``ScoringPool``), kept across stages."""
     from diet_ray.distill.trainer import fit_stage
     from diet_ray.influence.scorer import InfluenceScorer
 
@@ -237,6 +244,8 @@ def run_stage(
     cap_bound = capacity(rows_seen, run_cfg.memory)  # no recipe changes ratio or max_slots
     cfg, recipe = stage_recipe(run_cfg, cap_bound)
     pos_rate = float(rows.label.mean()) if len(rows) else 0.0
+    if pool is not None and cfg.memory.init != "random":
+        pool.start()  # asynchronous: the actors start while the expert trains
 
     t0 = time.perf_counter()
     es = expert.load_stage(t) or expert.train_stage(t, rows)
@@ -275,7 +284,7 @@ def run_stage(
     init_info: Dict[str, Any] = {}
     scored = plan.n_new and cfg.memory.init != "random" and len(es.ref_rows)
     if plan.n_new:
-        selected, scores, init_info = _select_rows_or_fail(store, t, rows, es, plan, cfg)
+        selected, scores, init_info = _select_rows_or_fail(store, t, rows, es, plan, cfg, pool)
         if len(selected) != plan.n_new:
             raise RunStateError(f"stage {t}: selected {len(selected)} rows for {plan.n_new} new slots")
         new = _new_slots(memory, plan, selected, scores, fmap, cfg, t, id_freq, teacher)
@@ -285,6 +294,9 @@ def run_stage(
     influence_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    if pool is not None and par.num_workers > 0:
+        # Train workers and scoring actors each ask for the cluster's CPU share: never both at once.
+        pool.close()
     if len(rows) and len(memory):
         result = fit_stage(memory, plan.refine_idx, es.checkpoints, store.ray_dataset(t), fmap, cfg, t, run_dir)
         shards, bilevel = result.shards, result.metrics
@@ -421,10 +433,19 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
         if not expert.has_stage(t):
             raise RunStateError(f"stage {t} is committed but its expert checkpoints are missing under {run_dir}/expert; use a new run.dir")
 
-    with logging_redirect_tqdm():
-        for t in tqdm(todo, desc="stages", unit="stage", disable=not (verbose or sys.stderr.isatty())):
-            memory, m = run_stage(t, store, expert, memory, id_freq, cfg, run_dir, chash)
-            summary["per_stage"].append(m)
-            log.info(_stage_line(m))
+    pool = None
+    if par.num_actors > 0:
+        from diet_ray.influence.ray_scoring import ScoringPool
+
+        pool = ScoringPool(dict(cfg.expert.model), fmap.input_spec(), cfg.influence, _scoring_gpu(cfg), par.num_actors)
+    try:
+        with logging_redirect_tqdm():
+            for t in tqdm(todo, desc="stages", unit="stage", disable=not (verbose or sys.stderr.isatty())):
+                memory, m = run_stage(t, store, expert, memory, id_freq, cfg, run_dir, chash, pool)
+                summary["per_stage"].append(m)
+                log.info(_stage_line(m))
+    finally:
+        if pool is not None:
+            pool.close()
     summary.update(slots=len(memory) if memory is not None else 0, wall_s=time.perf_counter() - t_run)
     return summary

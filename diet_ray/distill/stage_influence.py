@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,9 @@ from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import DataError
 from diet_ray.run_dir import open_run_dir
+
+if TYPE_CHECKING:
+    from diet_ray.influence.ray_scoring import ScoringPool
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,12 @@ def plot_histogram(uri: str, label: np.ndarray, scores: np.ndarray, stage: int, 
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 
-def stage_scores(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, cfg: Config, use_gpu: bool) -> np.ndarray:
+def stage_scores(store: StageStore, stage: int, rows: EncodedRows, es: ExpertStage, cfg: Config, use_gpu: bool,
+                 pool: Optional["ScoringPool"] = None) -> np.ndarray:
     """Every row's influence on stage ``stage``'s reference, in ``rows``' order (``rows`` = the
     stage as the driver read it): scored by the driver with ``influence.num_actors=0``, else by
-    the actor pool, whose scores come back 24 bytes a row. The same scorer and seed either way."""
+    the actor pool (``pool``, kept across a run's stages, or one started for this call). The
+    same scorer and seed either way."""
     seed = derive_seed(cfg.seed, "influence", stage)
     from diet_ray.parallelism import actors
 
@@ -94,11 +99,12 @@ def stage_scores(store: StageStore, stage: int, rows: EncodedRows, es: ExpertSta
 
         model = build_model(dict(cfg.expert.model), store.fmap.input_spec(), seed=0)
         return InfluenceScorer(model, es.checkpoints, es.ref_rows.batch(), cfg.influence, seed).score(rows.batch(), row_ids=rows.row_id)
-    from diet_ray.influence.ray_scoring import collect_scores, score_stage, scores_in_order
+    from diet_ray.influence.ray_scoring import ScoringPool
 
-    scored = score_stage(store.ray_dataset(stage), dict(cfg.expert.model), store.fmap.input_spec(), es.checkpoints,
-                         es.ref_rows.batch(), store.fmap, cfg.influence, seed, use_gpu=use_gpu)
-    return scores_in_order(collect_scores(scored), rows.row_id)
+    if pool is not None:
+        return pool.score(rows, es.checkpoints, es.ref_rows.batch(), seed)
+    with ScoringPool(dict(cfg.expert.model), store.fmap.input_spec(), cfg.influence, use_gpu) as own:
+        return own.score(rows, es.checkpoints, es.ref_rows.batch(), seed)
 
 
 def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str, Any]:

@@ -1,9 +1,13 @@
-"""Scoring a stage on Ray: ``Dataset.map_batches`` with a callable scorer class as an actor pool.
+"""Scoring a stage on Ray: a pool of scorer actors that lives across stages, fed numpy blocks.
 
-The checkpoint states and reference gradients are computed once on the driver and put in the
-object store once per stage (numpy arrays: actors on one node map them zero-copy); actors get
-the reference through ``fn_constructor_kwargs``. Nothing here assumes a local runtime: CPU and
-GPU requests are derived from what the cluster reports.
+The driver holds the stage already (it picks the new slots' rows), so it splits the rows into
+blocks of ``influence.batch_size`` and puts each block in the object store once; actors on the
+driver's node map the arrays zero-copy. The checkpoint states are put once per stage; the
+reference gradient of each checkpoint is computed once, by one of the actors (spread over
+them), and each actor fetches the states and gradients on its first block of the stage. The actors are started once per run and reused by every stage: start-up
+(a Python process, torch, the model) is paid once, not per stage (docs/performance.md has the
+measurement that replaced Ray Data's per-stage actor pool here). Nothing assumes a local
+runtime: CPU and GPU requests are derived from what the cluster reports.
 """
 from __future__ import annotations
 
@@ -16,75 +20,32 @@ import numpy as np
 import torch
 
 from diet_ray.config import InfluenceConfig
-from diet_ray.data.feature_map import FeatureMap
-from diet_ray.errors import ConfigError, RunStateError
+from diet_ray.data.stages import EncodedRows
+from diet_ray.errors import ConfigError
 from diet_ray.faults import fault_spec
-from diet_ray.influence.scorer import CheckpointLike, InfluenceScorer, PreparedCheckpoints, prepare_checkpoints
+from diet_ray.influence.scorer import (CheckpointLike, InfluenceScorer, PreparedCheckpoints, checkpoint_reference_gradient,
+                                       checkpoint_states)
 from diet_ray.models import Batch, InputSpec, build_model
 
 log = logging.getLogger(__name__)
 
-SCORE_COL = "influence"
-BATCH_FORMATS = ("numpy", "pyarrow", "pandas")
-# A dead scorer actor is restarted and its in-flight batch re-run (the stage's rows are scored
-# exactly once in the output). Bounded, unlike Ray Data's default of -1: a batch that kills
-# every actor it lands on fails the stage instead of looping forever.
+# A dead scorer actor is restarted and its in-flight blocks re-run (each row is scored exactly
+# once in the output). Bounded: a block that kills every actor it lands on fails the stage
+# instead of looping forever.
 ACTOR_MAX_RESTARTS = 3
 ACTOR_MAX_TASK_RETRIES = 3
-
-
-def _columns(batch: Any, names: Sequence[str]) -> Dict[str, np.ndarray]:
-    """Columns of a numpy / pyarrow / pandas batch as numpy arrays (zero-copy where the format allows)."""
-    if isinstance(batch, dict):
-        return {n: batch[n] for n in names}
-    if hasattr(batch, "column_names"):  # pyarrow.Table
-        return {n: batch.column(n).to_numpy() for n in names}
-    return {n: batch[n].to_numpy() for n in names}  # pandas
-
-
-def _with_scores(batch: Any, scores: np.ndarray) -> Any:
-    if isinstance(batch, dict):
-        out = dict(batch)
-        out[SCORE_COL] = scores
-        return out
-    if hasattr(batch, "column_names"):
-        import pyarrow as pa
-
-        return batch.append_column(SCORE_COL, pa.array(scores))
-    batch = batch.copy(deep=False)
-    batch[SCORE_COL] = scores
-    return batch
-
-
-def rows_batch(cols: Dict[str, np.ndarray], cat_names: Sequence[str], num_names: Sequence[str]) -> Batch:
-    """Encoded stage columns -> a hard Batch (np.stack copies, so tensors are writable)."""
-    n = len(cols["_label"])
-    cat = np.stack([cols[c] for c in cat_names], 1).astype(np.int64, copy=False) if cat_names else np.zeros((n, 0), np.int64)
-    num = np.stack([cols[c] for c in num_names], 1).astype(np.float32, copy=False) if num_names else np.zeros((n, 0), np.float32)
-    return Batch.hard(cat, num, np.array(cols["_label"], dtype=np.float32))
+IN_FLIGHT_PER_ACTOR = 2  # the next block waits in the actor's queue while it scores one
 
 
 class ScorerActor:
-    """One per actor: rebuilds the model, maps the prepared checkpoints from the object store,
-    and scores each batch it is handed."""
+    """One per actor process: builds the model once; per stage, maps that stage's prepared
+    checkpoints from the object store on its first block and scores every block it is handed."""
 
-    def __init__(
-        self,
-        model_cand: Dict[str, Any],
-        spec: InputSpec,
-        prepared_ref: List[Any],  # [ObjectRef]: wrapped so Ray hands the ref itself, fetched here once
-        cat_names: List[str],
-        num_names: List[str],
-        cfg: InfluenceConfig,
-        seed: int,
-        use_gpu: bool,
-        threads: int,
-        fault: str = "",
-    ):
+    def __init__(self, model_cand: Dict[str, Any], spec: InputSpec, cfg: InfluenceConfig, use_gpu: bool, threads: int,
+                 fault: str = ""):
         import ray
 
         torch.set_num_threads(max(1, threads))
-        prepared: PreparedCheckpoints = ray.get(prepared_ref[0])
         device = "cpu"
         if use_gpu:
             if not (torch.cuda.is_available() and ray.get_gpu_ids()):
@@ -94,17 +55,39 @@ class ScorerActor:
                     "install a CUDA build of torch on the GPU nodes, or set influence.gpus_per_actor=0 ray.use_gpu=false"
                 )
             device = "cuda"
-        self.scorer = InfluenceScorer.from_prepared(build_model(model_cand, spec, seed=0), prepared, cfg, seed, device)
-        self.cat_names, self.num_names = list(cat_names), list(num_names)
-        self.device = device
+        self.model = build_model(model_cand, spec, seed=0).to(device)
+        self.cfg, self.device = cfg, device
+        self.key: Optional[str] = None
+        self.scorer: Optional[InfluenceScorer] = None
         self.fault, self.calls = fault, 0
 
-    def __call__(self, batch: Any) -> Any:
+    def ready(self) -> bool:
+        return True
+
+    def reference_gradient(self, states_ref: List[Any], ref_ref: List[Any], c: int) -> Dict[str, np.ndarray]:
+        """G_ref at checkpoint ``c`` of the stage (the pool spreads the K checkpoints over its actors)."""
+        import ray
+
+        states: PreparedCheckpoints = ray.get(states_ref[0])
+        return checkpoint_reference_gradient(self.model, states.params[c], ray.get(ref_ref[0]), self.cfg)
+
+    def score(self, states_ref: List[Any], gref_refs: List[Any], key: str, seed: int, block: Dict[str, np.ndarray]) -> np.ndarray:
+        """Refs come wrapped in lists so Ray hands them over unresolved; fetched once per stage."""
+        import ray
+
         _maybe_die(self.fault, self.calls)
         self.calls += 1
-        cols = _columns(batch, [*self.cat_names, *self.num_names, "_label", "_row_id"])
-        scores = self.scorer.score(rows_batch(cols, self.cat_names, self.num_names), row_ids=cols["_row_id"])
-        return _with_scores(batch, scores)
+        if key != self.key:
+            states: PreparedCheckpoints = ray.get(states_ref[0])
+            grefs = ray.get(list(gref_refs)) if gref_refs else None
+            self.scorer = InfluenceScorer.from_prepared(self.model, PreparedCheckpoints(states.lrs, states.params, grefs),
+                                                        self.cfg, seed, self.device)
+            self.key = key
+        with warnings.catch_warnings():  # object-store arrays are read-only; the scorer never writes its inputs
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            batch = Batch(torch.from_numpy(block["cat"]).unsqueeze(-1), torch.from_numpy(block["num"]),
+                          torch.from_numpy(block["label"]), None, None)
+        return self.scorer.score(batch, row_ids=block["row_id"])
 
 
 def _maybe_die(spec: str, call: int) -> None:
@@ -138,88 +121,116 @@ def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dic
     return {"num_cpus": cpu_share(num_actors, reserve=1.0), "num_gpus": gpus}
 
 
-def score_stage(
-    ds,
-    model_cand: Dict[str, Any],
-    spec: InputSpec,
-    checkpoints: Sequence[CheckpointLike],
-    ref: Batch,
-    fmap: FeatureMap,
-    cfg: InfluenceConfig,
-    seed: int,
-    use_gpu: bool = False,
-    *,
-    num_actors: Optional[int] = None,
-    batch_format: str = "numpy",
-):
-    """-> ``ds`` with a float64 column ``influence`` (all other columns kept), lazily."""
-    import ray
-    import ray.data
-
-    if batch_format not in BATCH_FORMATS:
-        raise ValueError(f"batch_format {batch_format!r} not in {BATCH_FORMATS}")
-    from diet_ray.parallelism import CLUSTER_ACTORS, is_auto
-
-    n = max(1, int(num_actors or (CLUSTER_ACTORS if is_auto(cfg.num_actors) else cfg.num_actors)))
-    res = actor_resources(cfg, use_gpu, n)
-    model = build_model(model_cand, spec, seed=0)
-    if cfg.estimator == "random":
-        prepared = PreparedCheckpoints([], [], None)
-    else:
-        prepared = prepare_checkpoints(model, checkpoints, ref, cfg)
-    prepared_ref = ray.put(prepared)  # once per stage, shared by every actor
-    log.info("influence: %d actors x %.2f CPU, %.2f GPU, batch %d (%s)", n, res["num_cpus"], res["num_gpus"], cfg.batch_size, batch_format)
-    kwargs = dict(
-        fn_constructor_kwargs=dict(
-            model_cand=dict(model_cand),
-            spec=spec,
-            prepared_ref=[prepared_ref],
-            cat_names=fmap.cat_names,
-            num_names=fmap.num_names,
-            cfg=cfg,
-            seed=seed,
-            use_gpu=res["num_gpus"] > 0,
-            threads=max(1, int(res["num_cpus"])),
-            fault=fault_spec(),
-        ),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n, initial_size=n),
-        batch_size=int(cfg.batch_size),
-        batch_format=batch_format,
-        zero_copy_batch=True,
-        num_cpus=res["num_cpus"],
-        max_restarts=ACTOR_MAX_RESTARTS,
-        max_task_retries=ACTOR_MAX_TASK_RETRIES,
-    )
-    if res["num_gpus"] > 0:
-        kwargs["num_gpus"] = res["num_gpus"]
-    # Blocks of about one batch (a streaming split, no barrier): a stage stored as one big file
-    # is otherwise a single block, which only one actor can work on.
-    ds = ds.repartition(target_num_rows_per_block=int(cfg.batch_size))
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named map_batches parameter for max_restarts / max_task_retries yet;
-        # the remote-args route is deprecated for 2.64 (the pin is <2.61).
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        return ds.map_batches(ScorerActor, **kwargs)
 
 
-def collect_scores(scored) -> "pa.Table":
-    """``_row_id``, ``_label``, ``influence`` of a scored stage, sorted by ``_row_id``: streamed
-    to the driver three columns at a time (24 bytes a row), never the stage's other columns."""
-    import pyarrow as pa
-
-    parts = [b for b in scored.select_columns(["_row_id", "_label", SCORE_COL]).iter_batches(batch_format="pyarrow", batch_size=None)]
-    if not parts:
-        return pa.table({"_row_id": pa.array([], pa.int64()), "_label": pa.array([], pa.float32()), SCORE_COL: pa.array([], pa.float64())})
-    return pa.concat_tables(parts).sort_by("_row_id")
+def _blocks(rows: EncodedRows, size: int, actors: int) -> List[Dict[str, np.ndarray]]:
+    """Equal blocks of at most ``size`` rows, as many per actor (no actor idles on a short tail)."""
+    n = len(rows)
+    count = max(1, actors) * max(1, -(-n // (max(1, actors) * max(1, int(size)))))
+    step = max(1, -(-n // count))
+    return [{"cat": rows.cat[s:s + step], "num": rows.num[s:s + step], "label": rows.label[s:s + step],
+             "row_id": rows.row_id[s:s + step]} for s in range(0, n, step)]
 
 
-def scores_in_order(table: "pa.Table", row_id: np.ndarray) -> np.ndarray:
-    """The scores of ``collect_scores`` in the order of ``row_id`` (the stage as the driver
-    holds it); every row must have been scored exactly once."""
-    got = table.column("_row_id").to_numpy()
-    pos = np.searchsorted(got, row_id)
-    once = len(got) == len(row_id) and (len(got) < 2 or bool(np.all(got[1:] > got[:-1])))
-    if not once or (len(got) and not np.array_equal(got[np.minimum(pos, len(got) - 1)], row_id)):
-        raise RunStateError(f"the scoring pool returned {len(got)} scores for the stage's {len(row_id)} rows, "
-                           "not one per row id; rerun the stage (nothing was committed)")
-    return table.column(SCORE_COL).to_numpy()[pos].astype(np.float64, copy=False)
+class ScoringPool:
+    """``influence.num_actors`` scorer actors, started once and reused by every stage of a run.
+
+    ``score(rows, checkpoints, ref, seed)`` returns the rows' scores in ``rows``' order. A block
+    whose actor dies is re-run on the restarted actor (Ray's capped actor restarts and task
+    retries); past them the ``RayActorError`` propagates. ``close()`` (or the ``with`` block's
+    end) kills the actors; a closed pool starts new ones on its next ``score``.
+    """
+
+    def __init__(self, model_cand: Dict[str, Any], spec: InputSpec, cfg: InfluenceConfig, use_gpu: bool = False,
+                 num_actors: Optional[int] = None):
+        from diet_ray.parallelism import CLUSTER_ACTORS, is_auto
+
+        self.model_cand, self.spec, self.cfg, self.use_gpu = dict(model_cand), spec, cfg, use_gpu
+        self.n = max(1, int(num_actors or (CLUSTER_ACTORS if is_auto(cfg.num_actors) else cfg.num_actors)))
+        self.actors: List[Any] = []
+        self.resources: Dict[str, float] = {}
+
+    def __enter__(self) -> "ScoringPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def cpus(self) -> float:
+        """Logical CPUs the live actors hold (0 when none run)."""
+        return self.n * self.resources.get("num_cpus", 0.0) if self.actors else 0.0
+
+    def start(self) -> "ScoringPool":
+        """Start the actors if none run (asynchronously: they build while the driver works on)."""
+        import ray
+
+        if self.actors:
+            return self
+        self.resources = actor_resources(self.cfg, self.use_gpu, self.n)
+        opts: Dict[str, Any] = dict(num_cpus=self.resources["num_cpus"], max_restarts=ACTOR_MAX_RESTARTS,
+                                    max_task_retries=ACTOR_MAX_TASK_RETRIES)
+        if self.resources["num_gpus"] > 0:
+            opts["num_gpus"] = self.resources["num_gpus"]
+        remote = ray.remote(ScorerActor).options(**opts)
+        threads = max(1, int(self.resources["num_cpus"]))
+        self.actors = [remote.remote(self.model_cand, self.spec, self.cfg, self.resources["num_gpus"] > 0, threads, fault_spec())
+                       for _ in range(self.n)]
+        log.info("influence: %d actors x %.2f CPU, %.2f GPU, blocks of %d rows", self.n, self.resources["num_cpus"],
+                 self.resources["num_gpus"], self.cfg.batch_size)
+        return self
+
+    def wait_ready(self) -> None:
+        import ray
+
+        ray.get([a.ready.remote() for a in self.start().actors])
+
+    def score(self, rows: EncodedRows, checkpoints: Sequence[CheckpointLike], ref: Batch, seed: int) -> np.ndarray:
+        import ray
+
+        self.start()
+        if self.cfg.estimator == "random":
+            states = PreparedCheckpoints([], [], None)
+        else:
+            states = checkpoint_states(build_model(self.model_cand, self.spec, seed=0), checkpoints)
+        states_ref = ray.put(states)  # once per stage, shared by every actor
+        gref_refs: List[Any] = []
+        if self.cfg.estimator == "tracin":
+            if ref is None or len(ref) == 0:
+                raise ValueError("tracin needs a non-empty reference batch")
+            ref_ref = ray.put(ref)
+            # G_ref per checkpoint on the actors, spread over them, ahead of their blocks in each queue.
+            gref_refs = [self.actors[c % self.n].reference_gradient.remote([states_ref], [ref_ref], c)
+                         for c in range(len(states.params))]
+        key = states_ref.hex()
+        blocks = _blocks(rows, self.cfg.batch_size, self.n)
+        starts = np.cumsum([0] + [len(b["label"]) for b in blocks])
+        out = np.empty(len(rows), dtype=np.float64)
+        todo = list(range(len(blocks)))[::-1]
+        pending: Dict[Any, tuple] = {}
+
+        def submit(actor: Any) -> None:
+            i = todo.pop()
+            pending[actor.score.remote([states_ref], gref_refs, key, seed, ray.put(blocks[i]))] = (i, actor)
+
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            for actor in self.actors:
+                if todo:
+                    submit(actor)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(done[0])
+            out[starts[i]:starts[i + 1]] = ray.get(done[0])
+            if todo:
+                submit(actor)
+        return out
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception as e:  # already gone: nothing to release
+                log.debug("scorer actor kill: %s", e)
+        self.actors = []

@@ -48,23 +48,34 @@ def scored_checkpoints(checkpoints: Sequence[CheckpointLike]) -> List[Checkpoint
     return sorted(used, key=lambda c: c.index) or list(checkpoints[-1:])
 
 
-def prepare_checkpoints(model: CTRModel, checkpoints: Sequence[CheckpointLike], ref: Optional[Batch], cfg: InfluenceConfig) -> PreparedCheckpoints:
-    """Parameters per checkpoint, and G_ref per checkpoint for ``tracin`` (computed once per stage)."""
+def checkpoint_states(model: CTRModel, checkpoints: Sequence[CheckpointLike]) -> PreparedCheckpoints:
+    """Step sizes and parameters (numpy) of checkpoints 1..K, without reference gradients."""
     names = [n for n, _ in model.named_parameters()]
     p0 = next(model.parameters())
-    buffers = G.model_buffers(model)
-    lrs, params, grefs = [], [], []
+    lrs, params = [], []
     for c in scored_checkpoints(checkpoints):
-        ps = {n: c.state[n].detach().to(device=p0.device, dtype=p0.dtype) for n in names}
         lrs.append(float(c.lr))
-        params.append({n: t.cpu().numpy() for n, t in ps.items()})
-        if cfg.estimator == "tracin":
-            if ref is None or len(ref) == 0:
-                raise ValueError("tracin needs a non-empty reference batch")
-            rb = G.cast_batch(ref, p0.dtype, p0.device)
-            g = G.reference_gradient(model, ps, buffers, rb, cfg.micro_batch)
-            grefs.append({n: t.cpu().numpy() for n, t in g.items()})
-    return PreparedCheckpoints(lrs, params, grefs if cfg.estimator == "tracin" else None)
+        params.append({n: c.state[n].detach().to(device=p0.device, dtype=p0.dtype).cpu().numpy() for n in names})
+    return PreparedCheckpoints(lrs, params, None)
+
+
+def checkpoint_reference_gradient(model: CTRModel, params: Dict[str, np.ndarray], ref: Optional[Batch], cfg: InfluenceConfig) -> Dict[str, np.ndarray]:
+    """G_ref at one checkpoint's parameters (numpy), on the model's device."""
+    if ref is None or len(ref) == 0:
+        raise ValueError("tracin needs a non-empty reference batch")
+    p0 = next(model.parameters())
+    ps = {n: torch.as_tensor(np.array(a)).to(device=p0.device, dtype=p0.dtype) for n, a in params.items()}
+    g = G.reference_gradient(model, ps, G.model_buffers(model), G.cast_batch(ref, p0.dtype, p0.device), cfg.micro_batch)
+    return {n: t.cpu().numpy() for n, t in g.items()}
+
+
+def prepare_checkpoints(model: CTRModel, checkpoints: Sequence[CheckpointLike], ref: Optional[Batch], cfg: InfluenceConfig) -> PreparedCheckpoints:
+    """Parameters per checkpoint, and G_ref per checkpoint for ``tracin`` (computed once per stage)."""
+    states = checkpoint_states(model, checkpoints)
+    if cfg.estimator != "tracin":
+        return states
+    grefs = [checkpoint_reference_gradient(model, ps, ref, cfg) for ps in states.params]
+    return PreparedCheckpoints(states.lrs, states.params, grefs)
 
 
 class InfluenceScorer:
