@@ -151,6 +151,10 @@ class InfluenceConfig:
     gpus_per_actor: float = 0.0
     batch_size: int = 32768  # rows per block handed to a scoring actor at most (docs/performance.md)
     micro_batch: int = 2048  # rows per vmap call (bounds memory)
+    # How many of the stage's expert checkpoints the estimator sums over, evenly spaced, ending at
+    # the last (each stands for the segments before it); 0 = all. TracIn costs about one
+    # training step per checkpoint (docs/performance.md).
+    checkpoints: int = 0
     projection_dim: int = 0  # >0: seeded random projection of large dense parameters
     projection_min_params: int = 65536  # parameters above this size are projected
 
@@ -446,6 +450,8 @@ def validate(cfg: Config) -> None:
     for d in cfg.data.derive:
         one_of("data.derive[].op", d.op, ("split_first", "regex"))
     one_of("influence.estimator", cfg.influence.estimator, ("tracin", "grad_norm", "loss", "random"))
+    if cfg.influence.checkpoints < 0:
+        raise ConfigError(f"influence.checkpoints={cfg.influence.checkpoints} must be >= 0 (0 = every checkpoint of the stage)")
     one_of("distill.objective", cfg.distill.objective, ("trajectory", "gradient", "scratch"))
     one_of("distill.inner_optimizer", cfg.distill.inner_optimizer, ("expert", "sgd"))
     one_of("distill.match", cfg.distill.match, ("reachable", "all"))

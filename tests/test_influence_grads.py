@@ -145,3 +145,15 @@ def test_projection_is_an_unbiased_estimate():
     mean_err = np.abs(np.mean(runs, 0) - exact).mean()
     assert mean_err < 0.5 * single
     assert np.corrcoef(runs[0], exact)[0, 1] > 0.9
+
+
+def test_tracin_over_fewer_checkpoints_keeps_the_last_and_sums_step_sizes():
+    from types import SimpleNamespace
+
+    from diet_ray.influence.scorer import tracin_terms
+
+    cks = [SimpleNamespace(index=i, lr=0.0 if i == 0 else 0.1 * i, state={}) for i in range(5)]
+    assert [(round(lr, 6), c.index) for lr, c in tracin_terms(cks, 0)] == [(0.1, 1), (0.2, 2), (0.3, 3), (0.4, 4)]
+    assert [(round(lr, 6), c.index) for lr, c in tracin_terms(cks, 2)] == [(0.3, 2), (0.7, 4)]
+    assert [(round(lr, 6), c.index) for lr, c in tracin_terms(cks, 1)] == [(1.0, 4)]
+    assert len(tracin_terms(cks, 9)) == 4

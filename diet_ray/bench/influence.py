@@ -39,7 +39,7 @@ from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import StageStore
 from diet_ray.distill.expert import StreamExpert, expert_step
-from diet_ray.influence.scorer import InfluenceScorer
+from diet_ray.influence.scorer import InfluenceScorer, tracin_terms
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: 
         "source": cfg.data.source,
         "model": str(dict(cfg.expert.model)),
         "estimator": cfg.influence.estimator,
-        "checkpoints": len([c for c in es.checkpoints if c.index >= 1]),
+        "checkpoints": len(tracin_terms(es.checkpoints, cfg.influence.checkpoints)),  # scored per row
         "stage_rows": len(stage_rows),
         "batch_rows": mb,
         "ray_batch_rows": int(cfg.influence.batch_size),

@@ -183,6 +183,7 @@ def bench_soak(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool 
             "influence_s": round(m["influence_s"], 1),
             "influence_rows_per_s": round(m["rows"] / m["influence_s"], 1) if m["influence_s"] > 0 else None,
             "bilevel_s": round(m["bilevel_s"], 1),
+            "commit_s": round(m["reconcile_s"], 1),  # validation + the atomic commit
             "peak_rss_mb": round(peaks.get("rss_total", 0.0) / MB, 1),
             "peak_pss_mb": round(peaks.get("pss_total", 0.0) / MB, 1),
             "peak_driver_rss_mb": round(peaks.get("rss_driver", 0.0) / MB, 1),

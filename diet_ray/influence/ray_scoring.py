@@ -192,7 +192,7 @@ class ScoringPool:
         if self.cfg.estimator == "random":
             states = PreparedCheckpoints([], [], None)
         else:
-            states = checkpoint_states(build_model(self.model_cand, self.spec, seed=0), checkpoints)
+            states = checkpoint_states(build_model(self.model_cand, self.spec, seed=0), checkpoints, self.cfg.checkpoints)
         states_ref = ray.put(states)  # once per stage, shared by every actor
         gref_refs: List[Any] = []
         if self.cfg.estimator == "tracin":

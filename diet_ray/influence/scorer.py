@@ -48,13 +48,30 @@ def scored_checkpoints(checkpoints: Sequence[CheckpointLike]) -> List[Checkpoint
     return sorted(used, key=lambda c: c.index) or list(checkpoints[-1:])
 
 
-def checkpoint_states(model: CTRModel, checkpoints: Sequence[CheckpointLike]) -> PreparedCheckpoints:
-    """Step sizes and parameters (numpy) of checkpoints 1..K, without reference gradients."""
+def tracin_terms(checkpoints: Sequence[CheckpointLike], k: int = 0) -> List[tuple]:
+    """(step size, checkpoint) pairs TracIn sums over: ``k`` of the K segment ends, evenly
+    spaced and ending at the last (0 or k >= K: all). Each kept checkpoint stands for the
+    segments since the previous kept one, so its step size is theirs summed."""
+    used = scored_checkpoints(checkpoints)
+    if k <= 0 or k >= len(used):
+        return [(float(c.lr), c) for c in used]
+    n = len(used)
+    ends = sorted({round((j + 1) * n / k) - 1 for j in range(k)})
+    out, prev = [], -1
+    for e in ends:
+        out.append((float(sum(c.lr for c in used[prev + 1:e + 1])), used[e]))
+        prev = e
+    return out
+
+
+def checkpoint_states(model: CTRModel, checkpoints: Sequence[CheckpointLike], k: int = 0) -> PreparedCheckpoints:
+    """Step sizes and parameters (numpy) of the checkpoints scored (``tracin_terms``), without
+    reference gradients."""
     names = [n for n, _ in model.named_parameters()]
     p0 = next(model.parameters())
     lrs, params = [], []
-    for c in scored_checkpoints(checkpoints):
-        lrs.append(float(c.lr))
+    for lr, c in tracin_terms(checkpoints, k):
+        lrs.append(lr)
         params.append({n: c.state[n].detach().to(device=p0.device, dtype=p0.dtype).cpu().numpy() for n in names})
     return PreparedCheckpoints(lrs, params, None)
 
@@ -71,7 +88,7 @@ def checkpoint_reference_gradient(model: CTRModel, params: Dict[str, np.ndarray]
 
 def prepare_checkpoints(model: CTRModel, checkpoints: Sequence[CheckpointLike], ref: Optional[Batch], cfg: InfluenceConfig) -> PreparedCheckpoints:
     """Parameters per checkpoint, and G_ref per checkpoint for ``tracin`` (computed once per stage)."""
-    states = checkpoint_states(model, checkpoints)
+    states = checkpoint_states(model, checkpoints, cfg.checkpoints)
     if cfg.estimator != "tracin":
         return states
     grefs = [checkpoint_reference_gradient(model, ps, ref, cfg) for ps in states.params]
