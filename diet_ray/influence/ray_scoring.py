@@ -1,17 +1,19 @@
 """Scoring a stage on Ray: a pool of scorer actors that lives across stages, fed numpy blocks.
 
 The driver holds the stage already (it picks the new slots' rows), so it splits the rows into
-blocks of ``influence.batch_size`` and puts each block in the object store once; actors on the
-driver's node map the arrays zero-copy. The checkpoint states are put once per stage; the
-reference gradient of each checkpoint is computed once, by one of the actors (spread over
-them), and each actor fetches the states and gradients on its first block of the stage. The actors are started once per run and reused by every stage: start-up
-(a Python process, torch, the model) is paid once, not per stage (docs/performance.md has the
-measurement that replaced Ray Data's per-stage actor pool here). Nothing assumes a local
-runtime: CPU and GPU requests are derived from what the cluster reports.
+blocks of at most ``influence.batch_size`` and puts each block in the object store once; actors
+on the driver's node map the arrays zero-copy. The checkpoint states are put once per stage;
+the reference gradient of each checkpoint is computed once, by one of the actors (spread over
+them), and each actor fetches the states and gradients on its first block of the stage. The
+actors are started once per run and reused by every stage: start-up (a Python process, torch,
+the model) is paid once, not per stage (docs/performance.md has the measurement that replaced
+Ray Data's per-stage actor pool here). Nothing assumes a local runtime: CPU and GPU requests
+are derived from what the cluster reports.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -24,7 +26,7 @@ from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import ConfigError
 from diet_ray.faults import fault_spec
 from diet_ray.influence.scorer import (CheckpointLike, InfluenceScorer, PreparedCheckpoints, checkpoint_reference_gradient,
-                                       checkpoint_states)
+                                       checkpoint_states, require_reference)
 from diet_ray.models import Batch, InputSpec, build_model
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,7 @@ class ScorerActor:
             self.key = key
         with warnings.catch_warnings():  # object-store arrays are read-only; the scorer never writes its inputs
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            batch = Batch(torch.from_numpy(block["cat"]).unsqueeze(-1), torch.from_numpy(block["num"]),
-                          torch.from_numpy(block["label"]), None, None)
+            batch = Batch.hard(block["cat"], block["num"], block["label"])
         return self.scorer.score(batch, row_ids=block["row_id"])
 
 
@@ -126,8 +127,8 @@ def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dic
 def _blocks(rows: EncodedRows, size: int, actors: int) -> List[Dict[str, np.ndarray]]:
     """Equal blocks of at most ``size`` rows, as many per actor (no actor idles on a short tail)."""
     n = len(rows)
-    count = max(1, actors) * max(1, -(-n // (max(1, actors) * max(1, int(size)))))
-    step = max(1, -(-n // count))
+    count = actors * max(1, math.ceil(n / (actors * max(1, int(size)))))
+    step = max(1, math.ceil(n / count))
     return [{"cat": rows.cat[s:s + step], "num": rows.num[s:s + step], "label": rows.label[s:s + step],
              "row_id": rows.row_id[s:s + step]} for s in range(0, n, step)]
 
@@ -148,7 +149,7 @@ class ScoringPool:
         self.model_cand, self.spec, self.cfg, self.use_gpu = dict(model_cand), spec, cfg, use_gpu
         self.n = max(1, int(num_actors or (CLUSTER_ACTORS if is_auto(cfg.num_actors) else cfg.num_actors)))
         self.actors: List[Any] = []
-        self.resources: Dict[str, float] = {}
+        self._model: Optional[Any] = None  # the driver's copy: parameter names and dtype for the states
 
     def __enter__(self) -> "ScoringPool":
         return self
@@ -156,28 +157,23 @@ class ScoringPool:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    @property
-    def cpus(self) -> float:
-        """Logical CPUs the live actors hold (0 when none run)."""
-        return self.n * self.resources.get("num_cpus", 0.0) if self.actors else 0.0
-
     def start(self) -> "ScoringPool":
         """Start the actors if none run (asynchronously: they build while the driver works on)."""
         import ray
 
         if self.actors:
             return self
-        self.resources = actor_resources(self.cfg, self.use_gpu, self.n)
-        opts: Dict[str, Any] = dict(num_cpus=self.resources["num_cpus"], max_restarts=ACTOR_MAX_RESTARTS,
+        res = actor_resources(self.cfg, self.use_gpu, self.n)
+        opts: Dict[str, Any] = dict(num_cpus=res["num_cpus"], max_restarts=ACTOR_MAX_RESTARTS,
                                     max_task_retries=ACTOR_MAX_TASK_RETRIES)
-        if self.resources["num_gpus"] > 0:
-            opts["num_gpus"] = self.resources["num_gpus"]
+        if res["num_gpus"] > 0:
+            opts["num_gpus"] = res["num_gpus"]
         remote = ray.remote(ScorerActor).options(**opts)
-        threads = max(1, int(self.resources["num_cpus"]))
-        self.actors = [remote.remote(self.model_cand, self.spec, self.cfg, self.resources["num_gpus"] > 0, threads, fault_spec())
+        threads = max(1, int(res["num_cpus"]))
+        self.actors = [remote.remote(self.model_cand, self.spec, self.cfg, res["num_gpus"] > 0, threads, fault_spec())
                        for _ in range(self.n)]
-        log.info("influence: %d actors x %.2f CPU, %.2f GPU, blocks of %d rows", self.n, self.resources["num_cpus"],
-                 self.resources["num_gpus"], self.cfg.batch_size)
+        log.info("influence: %d actors x %.2f CPU, %.2f GPU, blocks of %d rows", self.n, res["num_cpus"], res["num_gpus"],
+                 self.cfg.batch_size)
         return self
 
     def wait_ready(self) -> None:
@@ -192,13 +188,13 @@ class ScoringPool:
         if self.cfg.estimator == "random":
             states = PreparedCheckpoints([], [], None)
         else:
-            states = checkpoint_states(build_model(self.model_cand, self.spec, seed=0), checkpoints, self.cfg.checkpoints)
+            if self._model is None:
+                self._model = build_model(self.model_cand, self.spec, seed=0)
+            states = checkpoint_states(self._model, checkpoints, self.cfg.checkpoints)
         states_ref = ray.put(states)  # once per stage, shared by every actor
         gref_refs: List[Any] = []
         if self.cfg.estimator == "tracin":
-            if ref is None or len(ref) == 0:
-                raise ValueError("tracin needs a non-empty reference batch")
-            ref_ref = ray.put(ref)
+            ref_ref = ray.put(require_reference(ref))
             # G_ref per checkpoint on the actors, spread over them, ahead of their blocks in each queue.
             gref_refs = [self.actors[c % self.n].reference_gradient.remote([states_ref], [ref_ref], c)
                          for c in range(len(states.params))]

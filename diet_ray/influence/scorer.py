@@ -76,12 +76,19 @@ def checkpoint_states(model: CTRModel, checkpoints: Sequence[CheckpointLike], k:
     return PreparedCheckpoints(lrs, params, None)
 
 
-def checkpoint_reference_gradient(model: CTRModel, params: Dict[str, np.ndarray], ref: Optional[Batch], cfg: InfluenceConfig) -> Dict[str, np.ndarray]:
-    """G_ref at one checkpoint's parameters (numpy), on the model's device."""
+def require_reference(ref: Optional[Batch]) -> Batch:
     if ref is None or len(ref) == 0:
         raise ValueError("tracin needs a non-empty reference batch")
+    return ref
+
+
+def checkpoint_reference_gradient(model: CTRModel, params: Dict[str, np.ndarray], ref: Optional[Batch], cfg: InfluenceConfig) -> Dict[str, np.ndarray]:
+    """G_ref at one checkpoint's parameters (numpy), on the model's device."""
+    ref = require_reference(ref)
     p0 = next(model.parameters())
-    ps = {n: torch.as_tensor(np.array(a)).to(device=p0.device, dtype=p0.dtype) for n, a in params.items()}
+    # Arrays mapped from Ray's object store are read-only: only those are copied.
+    ps = {n: torch.as_tensor(a if a.flags.writeable else np.array(a)).to(device=p0.device, dtype=p0.dtype)
+          for n, a in params.items()}
     g = G.reference_gradient(model, ps, G.model_buffers(model), G.cast_batch(ref, p0.dtype, p0.device), cfg.micro_batch)
     return {n: t.cpu().numpy() for n, t in g.items()}
 
