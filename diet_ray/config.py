@@ -162,22 +162,9 @@ class InfluenceConfig:
 # --------------------------------------------------------------------------------- memory
 
 
-MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init and memory.large.init
+MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init
 FILTER_CENTERS = ("raw", "label_mean")  # memory.filter_center
-LABEL_INITS = ("row", "expert")  # memory.label_init and memory.large.label_init
-
-
-@dataclass
-class LargeMemoryConfig:
-    """The recipe of a stage whose capacity C_t is at least ``from_slots`` (None: never): these
-    settings replace the memory/distill ones (a None field leaves its setting alone). Why a
-    second recipe, with its measurements: docs/method.md, "Large memories"."""
-
-    from_slots: Optional[int] = 1_000
-    init: Optional[str] = "random"  # memory.init
-    label_init: Optional[str] = "row"  # memory.label_init (row labels are not learnt: distill.learn_labels)
-    replace_frac: Optional[float] = 0.0  # memory.replace_frac
-    learn_weights: Optional[bool] = False  # distill.learn_weights
+LABEL_INITS = ("row", "expert")  # memory.label_init
 
 
 @dataclass
@@ -209,7 +196,6 @@ class MemoryConfig:
     label_refresh: bool = True
     addressing: bool = True  # False: refine every slot (ablation)
     growth: bool = True  # False: capacity fixed at C_1 (ablation)
-    large: LargeMemoryConfig = field(default_factory=LargeMemoryConfig)
 
 
 @dataclass
@@ -230,8 +216,8 @@ class DistillConfig:
     # Learn the inner lr (SGD) / the expert-lr multiplier (expert) in log space with the slots.
     learn_inner_lr: bool = True
     # Slot label logits as outer variables. False: labels stay as initialised (their outer
-    # gradient is zeroed, so Adam never moves them). None: learnt on stages with expert labels
-    # (label_refresh re-sets them before the commit anyway), frozen on stages with row labels.
+    # gradient is zeroed, so Adam never moves them). None: learnt under expert labels
+    # (label_refresh re-sets them before the commit anyway), frozen under row labels.
     learn_labels: Optional[bool] = None
     # Slot weights as outer variables. False: unit weights (re-set at the stage start, not learnt).
     learn_weights: bool = True
@@ -459,15 +445,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("distill.expert_grad_scale and distill.inner_lr must be > 0 (learn_inner_lr works in log space)")
     one_of("memory.init", cfg.memory.init, MEMORY_INITS)
     one_of("memory.label_init", cfg.memory.label_init, LABEL_INITS)
-    large = cfg.memory.large
-    if large.from_slots is not None and large.from_slots < 0:
-        raise ConfigError(f"memory.large.from_slots={large.from_slots} must be >= 0 slots, or null for never")
-    if large.init is not None:
-        one_of("memory.large.init", large.init, MEMORY_INITS)
-    if large.label_init is not None:
-        one_of("memory.large.label_init", large.label_init, LABEL_INITS)
-    if large.replace_frac is not None:
-        in_range("memory.large.replace_frac", large.replace_frac, 0.0, 1.0)
     one_of("evaluate.train.optimizer", cfg.evaluate.train.optimizer, OPTIMIZERS)
     one_of("expert.optimizer", cfg.expert.optimizer, EXPERT_OPTIMIZERS)
     for key in ("epochs", "batch_size"):

@@ -1,11 +1,9 @@
 """CUDA scores equal CPU scores (skipped without CUDA)."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 from diet_ray.config import InfluenceConfig
 from test_influence_grads import SPEC, checkpoints, hard_batch, soft_batch

@@ -11,7 +11,6 @@ import pytest
 
 from diet_ray.config import load_config
 from diet_ray.data import fs
-from diet_ray.data.stages import StageStore
 from diet_ray.distill.pipeline import RESULTS_FILE, run
 from diet_ray.errors import RunStateError
 from diet_ray.memory.commit import last_committed_stage
@@ -56,35 +55,32 @@ def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_
                 break
             g.write(line)
     shutil.copy(movielens / "movies.csv", src / "movies.csv")
-    # memory.large from 60 slots: C_1 ~ 40 (small recipe), C_2 ~ 80 (large recipe).
-    overrides = [f"data.source={src / 'ratings.csv'}", f"run.dir={tmp_path / 'run'}", "data.stages.count=2",
-                 "memory.large.from_slots=60", *SMALL]
+    overrides = [f"data.source={src / 'ratings.csv'}", f"run.dir={tmp_path / 'run'}", "data.stages.count=2", *SMALL]
     cfg = load_config(str(configs_dir / "movielens.yaml"), overrides)
     out = run(cfg)
     assert out["new_stages"] == [0, 1] and not out["resumed"]
     _check_run(cfg.run.dir, 2, cfg.memory.ratio)
     first, second = out["per_stage"]
-    assert first["capacity"] < 60 <= second["capacity"]
-    assert (first["recipe"], second["recipe"]) == ("small", "large") and second["replaced"] == 0
-    # The small recipe's influence filter: per label the stage's rows, those passing, and whether it filtered.
-    filt = first["init_filter"]
-    assert filt["pos"]["rows"] + filt["neg"]["rows"] == first["rows"] and "init_filter" not in second
-    assert all(0 <= v["passed"] <= v["rows"] and v["filtered"] == (v["share"] >= cfg.memory.filter_min_share) for v in filt.values())
+    # One recipe at every stage: the influence filter reports, per label, the stage's rows, those
+    # passing, and whether it filtered.
+    for m in (first, second):
+        filt = m["init_filter"]
+        assert filt["pos"]["rows"] + filt["neg"]["rows"] == m["rows"]
+        assert all(0 <= v["passed"] <= v["rows"] and v["filtered"] == (v["share"] >= cfg.memory.filter_min_share)
+                   for v in filt.values())
+    assert "recipe" not in second and "relabelled" not in second
     m0, m1 = load_stage_memory(cfg.run.dir, 0), load_stage_memory(cfg.run.dir, 1)
     big_l = float(cfg.memory.init_logit)
-    assert np.any(np.abs(m0.label_logit.numpy()) < big_l - 1e-3)  # the expert's soft labels
     born1 = m1.born_stage == 1
-    assert born1.any() and np.all(np.abs(m1.label_logit.numpy()[born1]) == big_l)  # 0/1, not moved by the bi-level
-    assert np.any(m0.weight_param.numpy() != np.float32(UNIT_WEIGHT_PARAM))  # learnt on the small stage
-    assert np.all(m1.weight_param.numpy() == np.float32(UNIT_WEIGHT_PARAM))  # unit weights again, not learnt
+    assert born1.any()
+    for m in (m0, m1):  # the expert's soft labels and learnt weights at both stages
+        assert np.any(np.abs(m.label_logit.numpy()) < big_l - 1e-3)
+        assert np.any(m.weight_param.numpy() != np.float32(UNIT_WEIGHT_PARAM))
+    # Kept slots carry the current (stage-1) expert's labels, not their stage-0 ones.
     kept = np.isin(m1.slot_id, m0.slot_id)
-    assert kept.sum() == len(m0)  # nothing replaced
-    # The hand-over: kept slots carry their source rows' 0/1 labels again, frozen from then on.
-    rows0 = StageStore(cfg.run.dir).read_stage(0)
-    row_label = dict(zip(rows0.row_id.tolist(), rows0.label.tolist()))
-    want = np.array([big_l if row_label[int(r)] >= 0.5 else -big_l for r in m1.source_row[kept]], np.float32)
-    assert np.array_equal(m1.label_logit.numpy()[kept], want) and second["relabelled"] == len(m0)
-    assert len(set(want.tolist())) == 2 and first["relabelled"] == 0
+    assert kept.any() and second["replaced"] == len(m0) - kept.sum()
+    before = dict(zip(m0.slot_id.tolist(), m0.label_logit.numpy().tolist()))
+    assert any(abs(before[int(i)] - float(v)) > 1e-4 for i, v in zip(m1.slot_id[kept], m1.label_logit.numpy()[kept]))
     assert np.any(np.abs(m1.logits.numpy()[born1] - m1.logits.numpy()[born1].round()) > 1e-4)  # supports refined
     refined_later = [m["refined"] for m in out["per_stage"][1:]]
     assert all(0 < r < m["slots"] for r, m in zip(refined_later, out["per_stage"][1:]))  # selective update

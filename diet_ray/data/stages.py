@@ -5,7 +5,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -123,15 +123,6 @@ class StageStore:
             return self.empty()
         tables = [fs.read_parquet(f) for f in files]
         return EncodedRows.from_table(pa.concat_tables(tables), self.fmap)
-
-    def read_labels(self, stage: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(row ids [N] int64, labels [N] float32) of a stage, reading only those two columns."""
-        tables = [fs.read_parquet(f, columns=["_row_id", "_label"]) for f in self.stage_files(stage)]
-        if not tables:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        t = pa.concat_tables(tables)
-        return (t.column("_row_id").to_numpy().astype(np.int64, copy=False),
-                t.column("_label").to_numpy().astype(np.float32, copy=False))
 
     def read_history(self, through: int, start: int = 0) -> EncodedRows:
         return EncodedRows.concat(self.read_stage(t) for t in range(start, through + 1))

@@ -21,14 +21,13 @@ from the row's 0/1 label; with ``label_refresh`` every slot is relabelled by the
 expert at the start of each stage and again just before the commit, so the bi-level step's
 label updates are not kept. README "deviations" has the measurements behind both choices.
 
-Recipe. A stage whose capacity reaches ``memory.large.from_slots`` runs with the large-memory
-settings instead (uniform rows, 0/1 labels, no replacement, unit weights:
-``diet_ray/memory/recipe.py`` has why); its results line names the recipe. At the hand-over
-(the first stage on row labels after one on the expert's) every kept slot gets its source
-row's 0/1 label back, looked up in the prepared stream (``relabelled`` in the results line).
+One recipe at every memory size and on every log: the stage-wise size switch
+(``memory.large``) was removed once the fidelity bench showed it inverting the ranking when
+candidates train for more than one epoch (docs/method.md, "One recipe").
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -48,7 +47,6 @@ from diet_ray.errors import RunStateError
 from diet_ray.faults import fault_spec
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
 from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
-from diet_ray.memory.recipe import stage_recipe
 from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory, load_stage_memory
 
 log = logging.getLogger(__name__)
@@ -106,40 +104,14 @@ def _select_rows(
     return rows.take(order), scores[order], info
 
 
-def _expert_labels_before(run_cfg: Config, fmap: FeatureMap, t: int) -> bool:
-    """Whether stage t-1 ran with the expert's labels (its recipe, from the run's config)."""
-    if t == 0:
-        return False
-    seen = int(sum(s.rows for s in fmap.stages[:t]))
-    return stage_recipe(run_cfg, capacity(seen, run_cfg.memory))[0].memory.label_init == "expert"
-
-
-def row_labels_back(memory: SlotMemory, store: StageStore, bound: float) -> tuple[SlotMemory, int]:
-    """A copy whose slots carry their source rows' 0/1 labels (+-``bound``) again; returns it
-    and how many slots found their row. The hand-over from the expert-label recipe to the
-    large-memory one: without it the kept slots would keep the expert's soft labels (frozen
-    under row labels) beside the new slots' 0/1 ones, a mix that ranked candidates worse than
-    either recipe alone (docs/method.md). The labels are looked up in the prepared stream
-    (the memory stores the row id, not its label); a slot whose row is not there (none
-    recorded) gets its own label hardened to +-``bound``."""
-    out = memory.detached()
-    found = np.zeros(len(out), bool)
-    label = np.where(out.label_logit.numpy() >= 0.0, 1.0, 0.0).astype(np.float32)
-    for stage in np.unique(out.born_stage):
-        at = np.flatnonzero((out.born_stage == stage) & (out.source_row >= 0))
-        if not len(at) or not 0 <= int(stage) < store.num_stages:
-            continue
-        row_id, row_label = store.read_labels(int(stage))
-        if not len(row_id):
-            continue
-        order = np.argsort(row_id, kind="stable")
-        ids = row_id[order]
-        pos = np.minimum(np.searchsorted(ids, out.source_row[at]), len(ids) - 1)
-        ok = ids[pos] == out.source_row[at]
-        label[at[ok]] = row_label[order[pos[ok]]]
-        found[at[ok]] = True
-    out.label_logit = torch.from_numpy(np.where(label >= 0.5, bound, -bound).astype(np.float32))
-    return out, int(found.sum())
+def learn_labels_resolved(cfg: Config) -> Config:
+    """``distill.learn_labels`` unset: learnt under expert labels (``label_refresh`` re-sets
+    them before the commit anyway), frozen under row labels (nothing would undo the bi-level's
+    label drift, which cost ranking fidelity)."""
+    if cfg.distill.learn_labels is not None:
+        return cfg
+    learn = cfg.memory.label_init == "expert"
+    return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, learn_labels=learn))
 
 
 def _scoring_gpu(cfg: Config) -> bool:
@@ -241,8 +213,8 @@ def run_stage(
         id_freq[f] += counts
     rows_seen = int(sum(s.rows for s in fmap.stages[: t + 1]))
     run_cfg = cfg  # the run's config: its hash goes into the commit
-    cap_bound = capacity(rows_seen, run_cfg.memory)  # no recipe changes ratio or max_slots
-    cfg, recipe = stage_recipe(run_cfg, cap_bound)
+    cap_bound = capacity(rows_seen, run_cfg.memory)
+    cfg = learn_labels_resolved(run_cfg)
     pos_rate = float(rows.label.mean()) if len(rows) else 0.0
     if pool is not None and cfg.memory.init != "random":
         pool.start()  # asynchronous: the actors start while the expert trains
@@ -259,16 +231,9 @@ def run_stage(
             memory = memory.detached()
             memory.label_logit = teacher(memory.to_batch(cfg.memory.temperature))
     if not cfg.distill.learn_weights and memory is not None and len(memory):
-        # Unit weights throughout: slots weighted by earlier (small-recipe) stages are reset.
+        # Unit weights throughout: weights a resumed memory may carry are reset.
         memory = memory.detached()
         memory.weight_param = torch.full_like(memory.weight_param, UNIT_WEIGHT_PARAM)
-    relabelled = 0
-    if (memory is not None and len(memory) and cfg.memory.label_init == "row" and not cfg.distill.learn_labels
-            and _expert_labels_before(run_cfg, fmap, t)):
-        memory, relabelled = row_labels_back(memory, store, float(cfg.memory.init_logit))
-        if relabelled < len(memory):
-            log.warning("stage %d: %d of %d kept slots have no source row in the prepared stream; their labels "
-                        "were hardened to 0/1 instead", t, len(memory) - relabelled, len(memory))
     slot_infl = None
     if memory is not None and len(memory) and len(es.ref_rows):
         scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
@@ -324,13 +289,11 @@ def run_stage(
         "rows": len(rows),
         "rows_seen": rows_seen,
         "capacity": plan.capacity,
-        "recipe": recipe,
         "slots": len(merged),
         "grown": plan.grow,
         "replaced": int(len(plan.replace_idx)),
         # A skipped bi-level step (outer_steps=0, nothing to refine) refines nothing.
         "refined": 0 if bilevel.get("skipped") else int(len(plan.refine_idx)),
-        "relabelled": relabelled,
         **init_info,
         "expert_s": expert_s,
         "influence_s": influence_s,
@@ -362,12 +325,10 @@ def run_stage(
 def _stage_line(m: Dict[str, Any]) -> str:
     a, b = m.get("outer_loss_start"), m.get("outer_loss_end")
     loss = f"{a:.4f} -> {b:.4f}" if a is not None and b is not None else "skipped"
-    relabelled = f", {m['relabelled']} kept slots relabelled from their rows" if m.get("relabelled") else ""
     return (
         f"stage {m['stage']}: {m['rows']} rows | expert {m['expert_s']:.1f}s influence {m['influence_s']:.1f}s "
         f"bi-level {m['bilevel_s']:.1f}s reconcile {m['reconcile_s']:.1f}s | outer loss {loss} | "
-        f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined; "
-        f"{m.get('recipe', 'small')} recipe{relabelled})"
+        f"{m['slots']} slots (+{m['grown']} grown, {m['replaced']} replaced, {m['refined']} refined)"
         + (f" | bi-level: {m['path']}, influence: {m['influence_path']}" if "path" in m else "")
     )
 

@@ -17,7 +17,7 @@ Losses are the unweighted per-sample BCE with (possibly soft) labels: weights do
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
