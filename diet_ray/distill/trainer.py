@@ -1,7 +1,7 @@
 """One stage's bi-level job on Ray Train: shard the memory, fit a TorchTrainer, gather the shards.
 
 The memory and the expert's checkpoints go to the object store once (``ray.put``); workers
-get refs. Checkpoints and optimiser states travel as numpy arrays, which workers read in place
+get refs (the driver's own loop, in local mode, gets the objects). Checkpoints and optimiser states travel as numpy arrays, which workers read in place
 from the object store (a torch tensor would be copied whole into every worker, and the
 embedding table grows with the vocabulary); each worker copies only its student's rows.
 Shards are an assignment (``shard_assignment``), not an identity: the next stage may use
@@ -100,10 +100,15 @@ def fit_stage(
         return BilevelResult([memory.take(a) for a in assignment], {"skipped": True, "workers": workers})
 
     t0 = time.perf_counter()
-    shard_refs = [ray.put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
-    trajectory_ref = ray.put(_as_numpy([ck.state for ck in checkpoints]))
+    # Workers read the shards and the expert's states from the object store. The driver's own
+    # loop gets them as they are: putting the checkpoints and Adam states (about 0.7 GB a stage
+    # at a 706k-id vocabulary) only to read them back in this process grew the store's touched
+    # pages stage by stage (docs/performance.md, "Soak"). The loop copies what it keeps either way.
+    put = (lambda obj: obj) if in_process else ray.put  # noqa: E731
+    shard_refs = [put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
+    trajectory_ref = put(_as_numpy([ck.state for ck in checkpoints]))
     # The expert optimiser's state per checkpoint: the bi-level student continues from it.
-    optim_ref = ray.put(_as_numpy([ck.optim for ck in checkpoints])) if all(ck.optim is not None for ck in checkpoints) else None
+    optim_ref = put(_as_numpy([ck.optim for ck in checkpoints])) if all(ck.optim is not None for ck in checkpoints) else None
     spec = fmap.input_spec()
     # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
     # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).

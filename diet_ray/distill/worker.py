@@ -7,8 +7,9 @@ tensors, Adam state: ``progress-RANK.pt``) is checkpointed every ``save_every`` 
 worker group restarted by ``FailureConfig`` continues where it stopped.
 
 ``config`` (built by ``diet_ray.distill.trainer``): object-store refs ``shards`` (one SlotShard
-per rank), ``trajectory`` (the expert's checkpoint state dicts) and ``optim_states`` (the
-expert optimiser's state per checkpoint, or None), plus ``model`` (candidate
+per rank), ``trajectory`` (the expert's checkpoint state dicts as numpy) and ``optim_states``
+(the expert optimiser's state per checkpoint, or None), or in local mode those objects
+themselves, plus ``model`` (candidate
 dict), ``vocab_sizes``, ``num_numeric``, ``cat_names``, ``num_names``, ``distill`` (DistillConfig
 as a dict), ``temperature``, ``seed``, ``stage``, ``save_every``, ``torch_threads``, ``fault``,
 ``local_dir`` (set in Ray Train's local mode only: the loop runs in the driver, reports no
@@ -54,6 +55,10 @@ def _real_batches(shard, needed: int, batch_size: int, cat_names: List[str], num
         drop_last=True,
         local_shuffle_buffer_size=4 * batch_size,
         local_shuffle_seed=seed,
+        # No prefetch thread: after the early break below it would stay blocked holding one read
+        # block, and in the driver (local mode) one such block per stage piles up in the object
+        # store (docs/performance.md, "Soak"). Same batches either way.
+        prefetch_batches=0,
     )
     for cols in it:
         n = len(cols["_label"])
@@ -63,6 +68,13 @@ def _real_batches(shard, needed: int, batch_size: int, cat_names: List[str], num
         if len(out) >= needed:
             break
     return out
+
+
+def _fetch(obj: Any) -> Any:
+    """An object-store ref's value; in local mode the driver hands the objects over as they are."""
+    import ray
+
+    return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
 
 
 def _maybe_fail(spec: str, stage: int, step: int, rank: int) -> None:
@@ -96,9 +108,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     cfg = DistillConfig(**config["distill"])
     stage = int(config["stage"])
 
-    shard = ray.get(config["shards"][rank])
-    trajectory = ray.get(config["trajectory"])
-    optim_states = ray.get(config["optim_states"]) if config.get("optim_states") is not None else None
+    shard = _fetch(config["shards"][rank])
+    trajectory = _fetch(config["trajectory"])
+    optim_states = _fetch(config["optim_states"]) if config.get("optim_states") is not None else None
     spec = InputSpec(tuple(config["vocab_sizes"]), int(config["num_numeric"]))
     model = build_model(dict(config["model"]), spec, seed=derive_seed(config["seed"], "bilevel-student"))
     # The real batches first: their ids are part of the student's embedding rows.
