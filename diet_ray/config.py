@@ -153,8 +153,9 @@ class InfluenceConfig:
     micro_batch: int = 2048  # rows per vmap call (bounds memory)
     # How many of the stage's expert checkpoints the estimator sums over, evenly spaced, ending at
     # the last (each stands for the segments before it); 0 = all. TracIn costs about one
-    # training step per checkpoint (docs/performance.md).
-    checkpoints: int = 0
+    # training step per checkpoint; 2 of 4 halves that and ties all 4 in fidelity on both shared
+    # logs at 5 seeds (docs/performance.md, docs/results.md "TracIn over fewer checkpoints").
+    checkpoints: int = 2
     projection_dim: int = 0  # >0: seeded random projection of large dense parameters
     projection_min_params: int = 65536  # parameters above this size are projected
 

@@ -126,7 +126,8 @@ def test_expert_student_replays_torch_adam():
     d = ShardDistiller(build_model(MODEL, spec, seed=9), states, SlotShard.from_memory(tiny_problem()[2], np.arange(24), np.arange(24)),
                        dataclasses.replace(EXPERT_CFG, inner_steps=5, unroll=5, match="all"), optim_states=optims)  # whole table
     assert d.segment_steps(1) == (5, 0.02)  # S_c = 5 steps at the expert's lr
-    st = d.adam[1]
+    assert d.adam[1].exp_avg == {}  # a fresh-momentum student does not load the expert's first moment
+    st = AdamState.from_torch(optims[1], d.names, d.traj[0], d.device)  # the expert's full state, as saved
     theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.names}
     m, v = dict(st.exp_avg), dict(st.exp_avg_sq)
     for i in range(5):

@@ -52,3 +52,15 @@ def test_nan_candidates_are_left_out_of_fidelity():
     assert metrics.spread([0.6, float("nan"), 0.9]) == pytest.approx(0.3)
     with pytest.raises(ValueError):
         metrics.kendall_tau([1, 2], [1, 2, 3])
+
+
+def test_kendall_by_family_counts_the_pairs_each_family_takes_part_in():
+    ref = {"lr(lr=0.05)": 0.70, "lr(lr=0.005)": 0.60, "dnn(embed_dim=16)": 0.65, "fm(embed_dim=8)": 0.62}
+    # dnn and fm swap; the two lr candidates keep their order and their places
+    var = {"lr(lr=0.05)": 0.70, "lr(lr=0.005)": 0.60, "dnn(embed_dim=16)": 0.61, "fm(embed_dim=8)": 0.63}
+    fam = metrics.kendall_by_family(ref, var)
+    # lr: pairs (lr,lr), (lr.05,dnn), (lr.05,fm), (lr.005,dnn), (lr.005,fm): all concordant
+    assert fam["lr"] == 1.0
+    # dnn: (dnn,lr.05) +, (dnn,lr.005) +, (dnn,fm) -  -> 1/3
+    assert abs(fam["dnn"] - 1 / 3) < 1e-12 and abs(fam["fm"] - 1 / 3) < 1e-12
+    assert metrics.family_of("dcnv2(cross_layers=1,embed_dim=8)") == "dcnv2"

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from diet_ray.bench.fidelity_summary import FULL, FULL_SINGLE, REFERENCE, SE_MARGIN, _mean
+from diet_ray.bench.fidelity_summary import FAMILY_KEY, FULL, FULL_SINGLE, REFERENCE, SE_MARGIN, _mean
 from diet_ray.data import fs
 from diet_ray.errors import DataError
 
@@ -105,6 +105,7 @@ def markdown(summary: Dict[str, Any]) -> str:
             lines.append(f"| {name} | {_f(p['delta_kendall_ref_mean'])} ± {_f(p['delta_kendall_ref_se'])} | {p['wins']}/{p['n']} | "
                          f"{_f(p['delta_pair_agreement_mean'])} ± {_f(p['delta_pair_agreement_se'])} | {verdict} |")
     lines += _by_epochs_table(summary)
+    lines += _family_table(summary)
     costs = [(n, v[n]) for n in order_variants(v) if "distill_cost" in v[n]]
     if costs:
         lines += ["", "One-off distillation cost (mean per run, through the evaluated stage):", "",
@@ -156,6 +157,24 @@ def _by_epochs_table(summary: Dict[str, Any]) -> List[str]:
             x = be[e].get(n)
             cells.append(f"{_f(x.get('kendall_ref_mean'))} / {_f(x.get('pair_agreement_mean'))} / {_f(x.get('cost_ratio_steps'), 0)}x" if x else "")
         out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _family_table(summary: Dict[str, Any]) -> List[str]:
+    """τ vs reference per architecture family (over the pairs the family takes part in), at
+    every memory epochs, for every variant at the main budget."""
+    be = summary.get("by_epochs") or {}
+    sets = [(f"E={e}", be[e]) for e in sorted(be, key=int)] or [("", summary["variants"])]
+    fams = sorted({f for _, d in sets for e in d.values() for f in (e.get(f"{FAMILY_KEY}_mean") or {})})
+    if not fams:
+        return []
+    out = ["", "τ vs reference per architecture family (over the candidate pairs with a member of that family):", "",
+           "| variant | E | " + " | ".join(fams) + " |", "|---|---|" + "---|" * len(fams)]
+    for tag, d in sets:
+        for n in order_variants(d):
+            fam = d[n].get(f"{FAMILY_KEY}_mean") or {}
+            if fam:
+                out.append(f"| {n} | {tag} | " + " | ".join(_f(fam.get(f)) for f in fams) + " |")
     return out
 
 

@@ -30,6 +30,7 @@ from diet_ray.evaluate import metrics as M
 FULL, FULL_SINGLE, REFERENCE = "full", "full_single", "reference"
 LEGACY_KEYS = ("kendall", "spearman", "regret", "auc_gap", "logloss_gap")
 REF_KEYS = ("kendall_ref", "spearman_ref", "regret_ref", "pair_agreement")
+FAMILY_KEY = "kendall_ref_by_family"  # {architecture family: τ over the pairs it takes part in}
 SE_MARGIN = 2.0  # a paired margin below this many standard errors is a tie
 CREDIBLE_MARGIN = 0.01  # the best candidate's lead over item popularity, AUC
 CREDIBLE_SHARE = 2 / 3  # of the zoo above item popularity (10 of 15)
@@ -91,6 +92,7 @@ class Reference:
             "regret_ref": M.top1_regret(x, y),
             "pair_agreement": M.pair_agreement(self.pairs, aucs),
             "resolvable_pairs": len(self.pairs),
+            "kendall_ref_by_family": M.kendall_by_family(self.mean, aucs),
         }
 
     def leave_one_out(self) -> List[Dict[str, Any]]:
@@ -132,6 +134,9 @@ def aggregate(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         if any(k in r for r in rows):
             agg[f"{k}_mean"] = _mean([r.get(k) for r in rows])
             agg[f"{k}_std"] = _std([r.get(k) for r in rows])
+    fams = sorted({f for r in rows for f in (r.get(FAMILY_KEY) or {})})
+    if fams:
+        agg[f"{FAMILY_KEY}_mean"] = {f: _mean([(r.get(FAMILY_KEY) or {}).get(f) for r in rows]) for f in fams}
     # Ratios of summed costs (a mean of ratios would over-weight the cheapest repetition).
     for k, num, den in (("cost_ratio_steps", "full_sample_steps", "variant_sample_steps"), ("cost_ratio_wall", "full_wall_s", "variant_wall_s")):
         if all(den in r for r in rows):

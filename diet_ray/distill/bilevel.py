@@ -158,12 +158,14 @@ class AdamState:
 
     @classmethod
     def from_torch(cls, state: Optional[dict], names: List[str], like: Params, device: torch.device,
-                   rows: Optional[np.ndarray] = None) -> Optional["AdamState"]:
+                   rows: Optional[np.ndarray] = None, first_moment: bool = True) -> Optional["AdamState"]:
         """From the ``state_dict()`` of ``torch.optim.Adam`` (one group, params in
         ``named_parameters`` order) or of ``diet_ray.models.optim.LazyAdam`` (named groups, the
         table's ``row_sparse``); tensors or numpy arrays. None when ``state`` is missing or not a
         plain Adam (amsgrad, decoupled decay, groups with different hyper-parameters).
-        ``rows``: keep only those rows of the embedding table's moments and step counts."""
+        ``rows``: keep only those rows of the embedding table's moments and step counts.
+        ``first_moment=False``: ``exp_avg`` is left empty (a student that starts its own momentum
+        never reads it, and it is as large as the parameters)."""
         groups = (state or {}).get("param_groups") or []
         if not groups:
             return None
@@ -187,7 +189,8 @@ class AdamState:
             st = state["state"].get(pid) or state["state"].get(str(pid))
             zeros = torch.zeros_like(like[n])
             pick = rows if n == EMBEDDING else None
-            m[n] = _tensor(st["exp_avg"], pick).to(device) if st else zeros
+            if first_moment:
+                m[n] = _tensor(st["exp_avg"], pick).to(device) if st else zeros
             v[n] = _tensor(st["exp_avg_sq"], pick).to(device) if st else zeros.clone()
             step = max(step, float(st["step"])) if st else step
             if g.get("row_sparse"):
@@ -418,7 +421,8 @@ class ShardDistiller:
         if self.cfg.inner_optimizer != "expert":
             return None
         n = len(self.traj)
-        states = [AdamState.from_torch(o, self.names, self.traj[0], self.device, rows) for o in (optim_states or [None] * n)]
+        states = [AdamState.from_torch(o, self.names, self.traj[0], self.device, rows, first_moment=self.cfg.expert_momentum)
+                  for o in (optim_states or [None] * n)]
         if len(states) != n or any(st is None for st in states):
             log.warning("distill.inner_optimizer=expert needs the expert's Adam state at every checkpoint "
                         "(expert/stage=*/optim-KK.pt, saved by runs since the bi-level rework); using SGD at distill.inner_lr")
@@ -559,7 +563,12 @@ class ShardDistiller:
         scalar = self.inner_lr()
         lr = torch.tensor(lr_factor, device=self.device) if carry else scalar * lr_factor
         theta = {n: t.detach().clone().requires_grad_(True) for n, t in self._restrict(self.traj[c], view).items()}
-        m = {n: (t.clone() if carry else torch.zeros_like(t)) for n, t in self._restrict(st.exp_avg, view).items()} if st is not None else {}
+        if st is None:
+            m: Params = {}
+        elif carry:
+            m = {n: t.clone() for n, t in self._restrict(st.exp_avg, view).items()}
+        else:  # a fresh first moment
+            m = {n: torch.zeros_like(t) for n, t in theta.items()}
         v = {n: t.clone() for n, t in self._restrict(st.exp_avg_sq, view).items()} if st is not None else {}
         clock = None
         if st is not None and st.row_sparse:
@@ -597,7 +606,14 @@ class ShardDistiller:
     def baseline(self, c: int) -> Params:
         """The student's no-data end point for segment c (θ_c for SGD), cached."""
         if c not in self._baselines:
-            self._baselines[c] = {n: t.detach() for n, t in self.unroll(c, None, ("baseline", c), 0).items()}
+            st = self.adam[c] if self.adam is not None else None
+            if st is None or (not self.cfg.expert_momentum and not st.weight_decay):
+                # Zero gradients with no momentum carried (SGD, or Adam from a fresh first moment)
+                # move nothing: the end point is θ_c exactly. Unrolled, it cost full-table
+                # temporaries per inner step that grew with the memory's reach.
+                self._baselines[c] = dict(self.traj[c])
+            else:
+                self._baselines[c] = {n: t.detach() for n, t in self.unroll(c, None, ("baseline", c), 0).items()}
         return self._baselines[c]
 
     def baseline_distance(self, c: int) -> torch.Tensor:

@@ -110,3 +110,24 @@ def pair_agreement(pairs: Sequence[tuple], aucs: dict) -> float:
         n += 1
         score += 0.5 if x == y else float(np.sign(x - y) == sign)
     return score / n if n else float("nan")
+
+
+def family_of(candidate: str) -> str:
+    """A candidate name's architecture family: ``dcnv2(cross_layers=1,...)`` -> ``dcnv2``."""
+    return candidate.split("(", 1)[0]
+
+
+def kendall_by_family(reference: dict, aucs: dict) -> dict:
+    """{family: τ over the candidate pairs with at least one member of that family}, ``reference``
+    and ``aucs`` = {candidate: AUC}: how well each architecture is placed within the whole zoo.
+    τ = (concordant - discordant) / pairs, a pair tied on either side counting as neither."""
+    names = sorted(n for n in reference if n in aucs and math.isfinite(reference[n]) and math.isfinite(aucs[n]))
+    acc: dict = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            s = float(np.sign(reference[a] - reference[b]) * np.sign(aucs[a] - aucs[b]))
+            for fam in {family_of(a), family_of(b)}:
+                c = acc.setdefault(fam, [0.0, 0])
+                c[0] += s
+                c[1] += 1
+    return {fam: c[0] / c[1] for fam, c in sorted(acc.items()) if c[1]}
