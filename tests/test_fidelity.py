@@ -224,6 +224,12 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     assert "distill_cost" in summary["variants"]["diet"] and summary["variants"]["diet"]["distill_cost"]["sample_steps"] > 0
     cred = summary["credibility"][0]
     assert cred["test_stage"] == 1 and cred["candidates"] == 4 and "credible" in cred
+    # τ per architecture family: every family of the zoo, for every set at every memory epochs.
+    families = {c.split("(")[0] for c in summary["candidates"]}
+    for e in ("1", "2"):
+        for name in budget_sets:
+            fam = summary["by_epochs"][e][name]["kendall_ref_by_family_mean"]
+            assert set(fam) == families and all(-1.0 <= x <= 1.0 for x in fam.values())
 
     lines = [json.loads(l, parse_constant=_no_nan) for l in (out / "results.jsonl").read_text().splitlines()]
     train = [r for r in lines if r["kind"] == "fidelity_train"]
@@ -246,6 +252,7 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
     assert all(p.exists() for p in plots) and (out / "table.md").exists() and len(written) == 4
     table = (out / "table.md").read_text()
     assert "| diet |" in table and "| full_single |" in table and "DIET minus each variant" in table and "E=2" in table
+    assert "per architecture family" in table and "| diet | E=2 |" in table
     # The one-off distillation cost table has a row for the DIET run, with its seconds and sample-steps.
     cost_rows = table.split("One-off distillation cost")[1].split("\n\n")[1].splitlines()[2:]
     assert [r.split("|")[1].strip() for r in cost_rows] == ["diet"] and float(cost_rows[0].split("|")[6]) > 0
