@@ -126,3 +126,25 @@ def test_apply_plan_layout_matches_refine_idx():
     assert len(np.unique(out.slot_id)) == 15
     new_positions = np.flatnonzero(out.slot_id >= 10)
     assert set(new_positions) <= set(plan.refine_idx.tolist())
+
+
+def test_label_centred_replacement_evicts_the_least_helpful_slots_of_each_label():
+    """Raw TracIn gives every slot of one label the same sign (the expert's calibration), so the
+    raw rule replaces only that label's slots; centred on the label it replaces, within each
+    label, the slots below what their label explains."""
+    import dataclasses
+
+    from diet_ray.memory.addressing import label_residual
+
+    mem = memory_with_labels(4, 4)
+    p = np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1])
+    mem.label_logit = torch.logit(torch.tensor(p, dtype=torch.float32))
+    # positives all positive, negatives all negative; within each label slots 0 and 4 are the worst
+    infl = np.array([0.5, 1.0, 1.1, 1.2, -1.5, -1.0, -0.9, -0.8])
+    cfg = dataclasses.replace(MemoryConfig(), replace_frac=0.25, refine_frac=0.0)
+    raw = plan_stage(mem, infl, 1000, 0.5, cfg, np.random.default_rng(0))
+    assert set(raw.replace_idx.tolist()) == {4, 5}  # the two most negative: both negatives
+    centred = plan_stage(mem, infl, 1000, 0.5, dataclasses.replace(cfg, replace_center="label"), np.random.default_rng(0))
+    assert set(centred.replace_idx.tolist()) == {0, 4}  # the worst of each label
+    r = label_residual(infl, p)
+    assert abs(r[:4].mean()) < 1e-9 and abs(r[4:].mean()) < 1e-9
