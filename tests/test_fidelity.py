@@ -169,6 +169,29 @@ def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
     assert trunc.num_stages == 2 and np.array_equal(trunc.read_stage(1).row_id, src.read_stage(1).row_id)
 
 
+@pytest.mark.ray
+def test_a_multi_file_stage_reads_in_the_same_order_every_time(tmp_path, ml_small, configs_dir, ray_local):
+    """A merged stage (the static baseline's) has one file per source stage. Its rows must reach
+    the bi-level step in file order, or the memory changes from one run to the next at a seed."""
+    from diet_ray.data.prepare import prepare
+    from diet_ray.distill.worker import _real_batches
+
+    cfg = load_config(str(configs_dir / "movielens.yaml"), [f"data.source={ml_small}", f"run.dir={tmp_path / 'src'}", "data.stages.count=8"])
+    prepare(cfg)
+    src = StageStore(str(tmp_path / "src"))
+    write_prepared_groups(src, str(tmp_path / "static"), [list(range(7))])
+    merged = StageStore(str(tmp_path / "static"))
+    assert len(merged.stage_files(0)) == 7
+    in_file_order = merged.read_stage(0).row_id
+    fmap = merged.fmap
+    for _ in range(3):
+        ds = merged.ray_dataset(0)
+        got = np.concatenate([b["_row_id"] for b in ds.iter_batches(batch_size=4096, batch_format="numpy", prefetch_batches=0)])
+        assert np.array_equal(got, in_file_order)
+    shuffled = [_real_batches(merged.ray_dataset(0), 4, 256, fmap.cat_names, fmap.num_names, seed=3) for _ in range(2)]
+    assert all(torch.equal(a.label, b.label) and torch.equal(a.ids, b.ids) for a, b in zip(*shuffled))
+
+
 # ------------------------------------------------------------------------------- end to end
 
 

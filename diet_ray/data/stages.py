@@ -139,4 +139,8 @@ class StageStore:
         if not files:
             raise DataError(f"stage {stage} has no rows; nothing to distribute")
         with sized_footer_pool(len(files)):
-            return ray.data.read_parquet(files, filesystem=fs.pyarrow_fs(files[0]))
+            ds = ray.data.read_parquet(files, filesystem=fs.pyarrow_fs(files[0]))
+        # Blocks of a multi-file stage otherwise arrive in whichever order the read tasks finish,
+        # so the bi-level step's real batches (and the memory) would change from run to run.
+        ds.context.execution_options.preserve_order = True
+        return ds
