@@ -165,7 +165,6 @@ class InfluenceConfig:
 
 MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init
 FILTER_CENTERS = ("raw", "label_mean")  # memory.filter_center
-REPLACE_CENTERS = ("raw", "label")  # memory.replace_center
 LABEL_INITS = ("row", "expert")  # memory.label_init
 
 
@@ -176,8 +175,8 @@ class MemoryConfig:
     support_k: int = 4
     init_logit: float = 4.0
     temperature: float = 1.0
-    replace_frac: float = 0.1
-    refine_frac: float = 0.1
+    replace_frac: float = 0.1  # addressing=True only
+    refine_frac: float = 0.1  # addressing=True only
     label_tolerance: float = 0.05
     # Rows behind new slots: influence_filter = uniform among rows with non-negative influence;
     # influence = the most influential (DESIGN §5; it picks atypical rows, docs/method.md);
@@ -190,18 +189,17 @@ class MemoryConfig:
     # What the filter tests for >= 0: label_mean = the influence less its label's mean over the
     # stage (helpful beyond what any row of the label is); raw = the influence itself.
     filter_center: str = "raw"
-    # Which slots the replace rule sees as stale: raw = negative influence on the new reference;
-    # label = negative influence beyond what the slot's label explains (the residual of a
-    # least-squares line in the slot's label probability), since TracIn's sign mostly follows
-    # the label (docs/method.md).
-    replace_center: str = "raw"
     # Slot label logits: expert = the stream expert's logit (clipped to +-init_logit), a soft
     # label carrying what the whole stream taught; row = +-init_logit from the row's 0/1 label.
     label_init: str = "expert"
     # label_init=expert: every slot's label is re-set to the current expert's at the start of
     # each stage and again before the commit (the bi-level's label updates are not kept).
     label_refresh: bool = True
-    addressing: bool = True  # False: refine every slot (ablation)
+    # True: influence-aware addressing (DESIGN §5): replace slots of negative influence on the new
+    # reference and refine only the top refine_frac of the kept ones. Off by default: at the
+    # recommended epochs it tied or lost to refining every slot on all three logs, and so did
+    # four redesigns (docs/method.md, "Addressing"). A measured option, not the recipe.
+    addressing: bool = False
     growth: bool = True  # False: capacity fixed at C_1 (ablation)
 
 
@@ -464,7 +462,6 @@ def validate(cfg: Config) -> None:
     in_range("memory.refine_frac", cfg.memory.refine_frac, 0.0, 1.0)
     in_range("memory.filter_min_share", cfg.memory.filter_min_share, 0.0, 1.0)
     one_of("memory.filter_center", cfg.memory.filter_center, FILTER_CENTERS)
-    one_of("memory.replace_center", cfg.memory.replace_center, REPLACE_CENTERS)
     in_range("expert.holdout_frac", cfg.expert.holdout_frac, 0.01, 0.5)
     if cfg.distill.unroll < 1 or cfg.distill.unroll > cfg.distill.inner_steps:
         raise ConfigError(

@@ -46,7 +46,7 @@ def test_stage_zero_grows_to_capacity_and_refines_all():
 
 
 def test_grow_replace_refine_counts():
-    cfg = MemoryConfig(ratio=0.01, replace_frac=0.1, refine_frac=0.1, label_tolerance=0.05)
+    cfg = MemoryConfig(ratio=0.01, addressing=True, replace_frac=0.1, refine_frac=0.1, label_tolerance=0.05)
     mem = memory_with_labels(30, 70)
     infl = np.linspace(1.0, 2.0, 100)
     neg = np.array([3, 17, 42, 55, 60, 61, 80, 90, 91, 92, 93, 99])  # 12 slots hurt the new reference
@@ -65,7 +65,7 @@ def test_grow_replace_refine_counts():
 
 
 def test_only_negative_influence_is_replaced():
-    cfg = MemoryConfig(ratio=0.01, replace_frac=0.5)
+    cfg = MemoryConfig(ratio=0.01, addressing=True, replace_frac=0.5)
     mem = memory_with_labels(10, 10)
     infl = np.linspace(0.1, 1.0, 20)
     infl[[4, 7]] = [-0.5, -0.1]
@@ -82,14 +82,14 @@ def test_ablation_flags():
     no_addr = plan_stage(mem, infl, 6000, 0.25, MemoryConfig(ratio=0.01, addressing=False), np.random.default_rng(0))
     assert len(no_addr.replace_idx) == 0 and no_addr.grow == 20
     np.testing.assert_array_equal(no_addr.refine_idx, np.arange(60))
-    no_growth = plan_stage(mem, infl, 6000, 0.25, MemoryConfig(ratio=0.01, growth=False, replace_frac=0.1), np.random.default_rng(0))
+    no_growth = plan_stage(mem, infl, 6000, 0.25, MemoryConfig(ratio=0.01, addressing=True, growth=False, replace_frac=0.1), np.random.default_rng(0))
     assert no_growth.grow == 0 and no_growth.capacity == 40 and len(no_growth.replace_idx) == 4
     fixed = plan_stage(mem, infl, 6000, 0.25, MemoryConfig(ratio=0.01, growth=False), np.random.default_rng(0), fixed_capacity=45)
     assert fixed.grow == 5
 
 
 def test_label_mix_within_tolerance_when_achievable():
-    cfg = MemoryConfig(ratio=0.01, replace_frac=0.1, label_tolerance=0.02)
+    cfg = MemoryConfig(ratio=0.01, addressing=True, replace_frac=0.1, label_tolerance=0.02)
     mem = memory_with_labels(40, 60)  # 40% positives; the stage has 20%
     infl = np.ones(100)
     infl[:10] = -1.0  # ten stale positives
@@ -104,7 +104,7 @@ def test_label_mix_within_tolerance_when_achievable():
 
 
 def test_available_rows_limit_new_slots():
-    cfg = MemoryConfig(ratio=0.01, replace_frac=0.5)
+    cfg = MemoryConfig(ratio=0.01, addressing=True, replace_frac=0.5)
     mem = memory_with_labels(5, 15)
     infl = -np.ones(20)
     plan = plan_stage(mem, infl, rows_seen=3000, stage_pos_rate=0.5, cfg=cfg, rng=np.random.default_rng(0),
@@ -114,7 +114,7 @@ def test_available_rows_limit_new_slots():
 
 
 def test_apply_plan_layout_matches_refine_idx():
-    cfg = MemoryConfig(ratio=0.01, replace_frac=0.2)
+    cfg = MemoryConfig(ratio=0.01, addressing=True, replace_frac=0.2)
     mem = memory_with_labels(5, 5)
     infl = np.array([1, -3, 1, 1, -1, 1, 1, 1, 1, 1], dtype=float)
     plan = plan_stage(mem, infl, rows_seen=1500, stage_pos_rate=0.5, cfg=cfg, rng=np.random.default_rng(0))
@@ -127,24 +127,3 @@ def test_apply_plan_layout_matches_refine_idx():
     new_positions = np.flatnonzero(out.slot_id >= 10)
     assert set(new_positions) <= set(plan.refine_idx.tolist())
 
-
-def test_label_centred_replacement_evicts_the_least_helpful_slots_of_each_label():
-    """Raw TracIn gives every slot of one label the same sign (the expert's calibration), so the
-    raw rule replaces only that label's slots; centred on the label it replaces, within each
-    label, the slots below what their label explains."""
-    import dataclasses
-
-    from diet_ray.memory.addressing import label_residual
-
-    mem = memory_with_labels(4, 4)
-    p = np.array([0.9, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1])
-    mem.label_logit = torch.logit(torch.tensor(p, dtype=torch.float32))
-    # positives all positive, negatives all negative; within each label slots 0 and 4 are the worst
-    infl = np.array([0.5, 1.0, 1.1, 1.2, -1.5, -1.0, -0.9, -0.8])
-    cfg = dataclasses.replace(MemoryConfig(), replace_frac=0.25, refine_frac=0.0)
-    raw = plan_stage(mem, infl, 1000, 0.5, cfg, np.random.default_rng(0))
-    assert set(raw.replace_idx.tolist()) == {4, 5}  # the two most negative: both negatives
-    centred = plan_stage(mem, infl, 1000, 0.5, dataclasses.replace(cfg, replace_center="label"), np.random.default_rng(0))
-    assert set(centred.replace_idx.tolist()) == {0, 4}  # the worst of each label
-    r = label_residual(infl, p)
-    assert abs(r[:4].mean()) < 1e-9 and abs(r[4:].mean()) < 1e-9

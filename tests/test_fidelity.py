@@ -2,6 +2,7 @@
 end-to-end bench on a MovieLens subset (baselines in process; DIET on the shared local Ray: two
 stages, so the DIET run is a single short Ray Train job)."""
 import json
+import math
 import shutil
 
 import numpy as np
@@ -150,6 +151,27 @@ def test_no_bilevel_ablation_commits_the_selected_rows_unchanged(tmp_path, ml_sm
     expert = StreamExpert.from_config(cfg, store.fmap)
     z = expert.teacher(expert.load_stage(1), cfg.memory.init_logit)(mem.to_batch(cfg.memory.temperature))
     assert torch.allclose(mem.label_logit, z)
+
+
+@pytest.mark.ray
+def test_addressing_option_replaces_stale_slots_and_refines_a_subset(tmp_path, ml_small, configs_dir, ray_local):
+    """The default refines every slot and replaces none; the measured option (the bench's
+    ``diet_addressing``) replaces only slots of negative influence and refines the new, the
+    replaced and the top refine_frac of the kept ones."""
+    from diet_ray.bench.fidelity import ABLATIONS
+    from diet_ray.distill.pipeline import run
+    from diet_ray.memory.slots import load_stage_memory
+
+    extra = [f"{k}={v}" for k, v in ABLATIONS["diet_addressing"].items()] + ["memory.replace_frac=0.3", "memory.refine_frac=0.2"]
+    cfg = _small_cfg(ml_small, configs_dir, tmp_path, *extra)
+    second = run(cfg)["per_stage"][1]
+    m0, m1 = load_stage_memory(cfg.run.dir, 0), load_stage_memory(cfg.run.dir, 1)
+    kept = np.isin(m0.slot_id, m1.slot_id)
+    # Every slot scores negative here (the expert's calibration sets TracIn's sign), so the
+    # replace budget binds.
+    assert second["replaced"] == (~kept).sum() == int(0.3 * len(m0))
+    n_kept = int(kept.sum())
+    assert second["refined"] == len(m1) - n_kept + math.ceil(0.2 * n_kept) < len(m1)
 
 
 def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):

@@ -23,8 +23,8 @@ Variants (DESIGN §9):
   single stage is D_1..D_t concatenated, and the unchanged pipeline distills it once. With
   ``bench.static_outer_steps=matched`` that job gets distill.outer_steps x (t+1) outer steps,
   the staged run's total, so the comparison is about stages, not optimisation budget.
-- Ablations at ``memory.ratio`` (``bench.ablations``, ``ABLATIONS``): no addressing, no growth,
-  gradient matching, random init, no bi-level step.
+- Ablations at ``memory.ratio`` (``bench.ablations``, ``ABLATIONS``): no growth, gradient
+  matching, random init, no bi-level step, and addressing switched on (the default leaves it out).
 
 Memory epochs (``bench.memory_epochs``): candidates on every budget set train E epochs while
 full history keeps ``evaluate.train.epochs``; the first E is the headline's and the budget
@@ -78,7 +78,8 @@ log = logging.getLogger(__name__)
 MEMORY_VARIANTS = ("diet", "static")
 # Ablation name -> config changes applied to the DIET run (DESIGN §9).
 ABLATIONS: Dict[str, Dict[str, Any]] = {
-    "diet_no_addressing": {"memory.addressing": False},
+    # Addressing is off in the default recipe; this measures the option against it.
+    "diet_addressing": {"memory.addressing": True},
     "diet_no_growth": {"memory.growth": False},
     "diet_gradient": {"distill.objective": "gradient"},
     "diet_random_init": {"memory.init": "random"},

@@ -234,8 +234,8 @@ def run_stage(
         # Unit weights throughout: weights a resumed memory may carry are reset.
         memory = memory.detached()
         memory.weight_param = torch.full_like(memory.weight_param, UNIT_WEIGHT_PARAM)
-    slot_infl = None
-    if memory is not None and len(memory) and len(es.ref_rows):
+    slot_infl = None  # only addressing reads the slots' influence on the new reference
+    if cfg.memory.addressing and memory is not None and len(memory) and len(es.ref_rows):
         scorer = InfluenceScorer(expert.build_model(), es.checkpoints, es.ref_rows.batch(), cfg.influence,
                                  derive_seed(cfg.seed, "influence", t))
         slot_infl = scorer.score(memory.to_batch(cfg.memory.temperature))

@@ -11,8 +11,8 @@ Rules (our choices where the paper is silent):
   |influence|. DESIGN ranks by |matching gradient|; we use the slot's TracIn score against the
   new reference as the proxy (same checkpoints, same reference gradient, already computed
   for the replace rule), so addressing costs no extra backward pass.
-- ``addressing=False`` (ablation): no replacement, every slot refined; growth still follows
-  the capacity rule.
+- ``addressing=False`` (the default since 2026-12-06; docs/method.md, "Addressing"): no
+  replacement, every slot refined; growth still follows the capacity rule.
 - Label mix: the new slots' positive count (of real rows) is chosen so the memory's positive
   fraction lands as close as possible to the stage's positive rate; a kept slot counts as 0/1
   when its label is saturated (row-initialised) and as sigmoid(label_logit) when it is soft
@@ -84,14 +84,6 @@ def expected_positives(memory: SlotMemory, init_logit: float) -> np.ndarray:
     return np.where(np.abs(z) >= float(init_logit) - 1e-6, (z >= 0).astype(np.float64), 1.0 / (1.0 + np.exp(-z)))
 
 
-def label_residual(influence: np.ndarray, label_prob: np.ndarray) -> np.ndarray:
-    """``influence`` less its least-squares line in the label probability: what a slot's
-    influence says beyond its label (``memory.replace_center=label``)."""
-    a = np.c_[np.ones_like(label_prob), label_prob]
-    coef, *_ = np.linalg.lstsq(a, influence, rcond=None)
-    return influence - a @ coef
-
-
 def _order(keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Indices sorting ``keys`` ascending, ties broken by a seeded random permutation."""
     tie = rng.permutation(len(keys))
@@ -129,9 +121,8 @@ def plan_stage(
     replace_idx = np.zeros(0, np.int64)
     if cfg.addressing and infl is not None and s > 0:
         budget = int(math.floor(cfg.replace_frac * s + 1e-9))
-        staleness = label_residual(infl, memory.label_prob()) if cfg.replace_center == "label" else infl
-        order = _order(staleness, rng)
-        stale = order[staleness[order] < 0.0]
+        order = _order(infl, rng)
+        stale = order[infl[order] < 0.0]
         replace_idx = np.sort(stale[:budget]).astype(np.int64)
 
     # The stage can only supply so many rows: keep capacity growth first, then replacements.
