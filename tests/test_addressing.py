@@ -126,4 +126,3 @@ def test_apply_plan_layout_matches_refine_idx():
     assert len(np.unique(out.slot_id)) == 15
     new_positions = np.flatnonzero(out.slot_id >= 10)
     assert set(new_positions) <= set(plan.refine_idx.tolist())
-

@@ -204,6 +204,7 @@ def distill_run(
     groups: Sequence[Sequence[int]], changes: Dict[str, Any], verbose: bool,
 ) -> str:
     """Run (or resume) the DIET pipeline on the stage groups; returns the run dir."""
+    from diet_ray.distill.expert import experts_root
     from diet_ray.distill.pipeline import run
 
     rcfg = copy.deepcopy(cfg)
@@ -219,9 +220,7 @@ def distill_run(
         log.info("distilled %s: %d stage(s) in %.0fs", name, len(summary["new_stages"]), time.perf_counter() - t0)
     # The bench reads only the committed memories and their metrics. The run's expert checkpoints
     # (0.5 GB a run on Taobao, dozens of runs a bench) are needed only to resume a half-done run.
-    expert_dir = fs.join(rcfg.run.dir, "expert")
-    if fs.exists(expert_dir):
-        fs.remove(expert_dir)
+    fs.remove(experts_root(rcfg.run.dir))
     return rcfg.run.dir
 
 

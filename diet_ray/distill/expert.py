@@ -61,8 +61,12 @@ class ExpertStage:
     sample_steps: int  # rows x passes: the expert's share of the distillation cost
 
 
+def experts_root(run_dir: str) -> str:
+    return fs.join(run_dir, "expert")
+
+
 def expert_dir(run_dir: str, stage: int) -> str:
-    return fs.join(run_dir, "expert", f"stage={stage:04d}")
+    return fs.join(experts_root(run_dir), f"stage={stage:04d}")
 
 
 def split_reference(rows: EncodedRows, holdout_frac: float) -> tuple[EncodedRows, EncodedRows]:
