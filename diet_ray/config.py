@@ -164,7 +164,6 @@ class InfluenceConfig:
 
 
 MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init
-FILTER_CENTERS = ("raw", "label_mean")  # memory.filter_center
 LABEL_INITS = ("row", "expert")  # memory.label_init
 
 
@@ -178,17 +177,11 @@ class MemoryConfig:
     replace_frac: float = 0.1  # addressing=True only
     refine_frac: float = 0.1  # addressing=True only
     label_tolerance: float = 0.05
-    # Rows behind new slots: influence_filter = uniform among rows with non-negative influence;
-    # influence = the most influential (DESIGN §5; it picks atypical rows, docs/method.md);
-    # random = uniform (ablation).
-    init: str = "influence_filter"
-    # influence_filter per label only where at least this share of the label's rows pass it;
-    # below, that label's rows are drawn uniformly (too few rows pass to filter them; docs/method.md).
-    # 0 = always.
-    filter_min_share: float = 0.05
-    # What the filter tests for >= 0: label_mean = the influence less its label's mean over the
-    # stage (helpful beyond what any row of the label is); raw = the influence itself.
-    filter_center: str = "raw"
+    # Rows behind new slots: random = uniform among the stage's rows (default: each influence
+    # form measured tied with it at paired seeds on all three logs, docs/method.md); the measured
+    # options influence_filter = uniform among rows with non-negative influence, influence = the
+    # most influential (DESIGN §5; it picks atypical rows).
+    init: str = "random"
     # Slot label logits: expert = the stream expert's logit (clipped to +-init_logit), a soft
     # label carrying what the whole stream taught; row = +-init_logit from the row's 0/1 label.
     label_init: str = "expert"
@@ -460,8 +453,6 @@ def validate(cfg: Config) -> None:
     in_range("memory.ratio", cfg.memory.ratio, 1e-6, 1.0)
     in_range("memory.replace_frac", cfg.memory.replace_frac, 0.0, 1.0)
     in_range("memory.refine_frac", cfg.memory.refine_frac, 0.0, 1.0)
-    in_range("memory.filter_min_share", cfg.memory.filter_min_share, 0.0, 1.0)
-    one_of("memory.filter_center", cfg.memory.filter_center, FILTER_CENTERS)
     in_range("expert.holdout_frac", cfg.expert.holdout_frac, 0.01, 0.5)
     if cfg.distill.unroll < 1 or cfg.distill.unroll > cfg.distill.inner_steps:
         raise ConfigError(

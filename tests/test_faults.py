@@ -34,6 +34,7 @@ from diet_ray.errors import RunStateError
 from diet_ray.faults import FAULT_ENV
 from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
+from diet_ray.influence.topk import FILTER_MIN_SHARE
 from diet_ray.memory.commit import committed_stages, verify_stage
 from diet_ray.memory.slots import load_stage_memory
 from test_expert import CFG, stage_rows, tiny_fmap
@@ -127,7 +128,7 @@ def reference_run(ray_local, tmp_path_factory) -> str:
 def test_scoring_in_the_driver_commits_what_the_actor_pool_does(ray_local, tmp_path):
     """``influence.num_actors=0`` scores each stage in the driver and picks the new slots' rows
     from one table: the committed memory is byte for byte the actor pool's (the default
-    influence filter, so the scores' signs and the per-label shares decide the same way)."""
+    influence filter option, so the scores' signs and the per-label shares decide the same way)."""
     base = [o for o in TINY if not o.startswith(("memory.init", "ray.num_workers"))]
     runs = {}
     for actors in (0, 1):
@@ -139,6 +140,10 @@ def test_scoring_in_the_driver_commits_what_the_actor_pool_does(ray_local, tmp_p
         assert_same_memory(runs[0], runs[1], stage)
     lines = [json.loads(l) for l in open(fs.join(runs[0], RESULTS_FILE)) if '"kind": "stage"' in l]
     assert all(l["init_filter"] for l in lines)  # the filter really ran on the in-driver scores
+    for l in lines:  # per label drawn: the stage's rows, those passing, and whether it filtered
+        filt = l["init_filter"]
+        assert set(filt) <= {"pos", "neg"} and sum(v["rows"] for v in filt.values()) <= l["rows"]
+        assert all(0 <= v["passed"] <= v["rows"] and v["filtered"] == (v["share"] >= FILTER_MIN_SHARE) for v in filt.values())
 
 
 def _start_driver(run_dir: Path, log_path: Path, fault: str = "") -> subprocess.Popen:

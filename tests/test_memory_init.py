@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from diet_ray.config import ExpertConfig, MemoryConfig
 from diet_ray.distill.expert import StreamExpert
-from diet_ray.influence.topk import centred, filter_key, filter_pick, uniform_hash
+from diet_ray.influence.topk import filter_key, filter_pick, uniform_hash
 from diet_ray.memory.addressing import expected_positives, plan_stage
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
@@ -99,33 +98,11 @@ def test_filter_applies_per_label_only_where_a_real_share_passes():
 def test_filter_pick_does_not_depend_on_the_rows_order():
     infl, lab, rid = _scored(2000, pos_pass=0.3, neg_pass=0.8)
     want = {1: 40, 0: 70}
-    idx, _, stats = filter_pick(infl, lab, rid, want, seed=4, min_share=0.05, center="label_mean")
+    idx, _, stats = filter_pick(infl, lab, rid, want, seed=4, min_share=0.05)
     perm = np.random.default_rng(5).permutation(len(rid))
-    idx_p, _, stats_p = filter_pick(infl[perm], lab[perm], rid[perm], want, seed=4, min_share=0.05, center="label_mean")
+    idx_p, _, stats_p = filter_pick(infl[perm], lab[perm], rid[perm], want, seed=4, min_share=0.05)
     assert stats == stats_p and rid[idx].tolist() == rid[perm][idx_p].tolist()
     assert filter_pick(infl, lab, rid, want, seed=5, min_share=0.05)[0].tolist() != idx.tolist()  # the seed matters
-
-
-def test_label_mean_centering_filters_within_a_label_whose_raw_scores_share_one_sign():
-    """MovieLens-like: every positive helps and every negative hurts (the reference pulls the
-    output bias one way). Raw, the filter keeps all positives and none of the negatives, so it
-    filters nothing; centred on each label's mean, it keeps each label's better rows."""
-    rng = np.random.default_rng(3)
-    n = 4000
-    lab = (rng.random(n) < 0.5).astype(np.float32)
-    infl = np.where(lab == 1, 5.0, -5.0) + rng.normal(size=n)
-    rid = np.arange(n, dtype=np.int64)
-    want = {1: 100, 0: 100}
-    _, _, raw = filter_pick(infl, lab, rid, want, seed=1, min_share=0.05)
-    assert raw[1]["share"] == 1.0 and raw[0]["share"] == 0.0 and not raw[0]["filtered"]
-    idx, _, ctr = filter_pick(infl, lab, rid, want, seed=1, min_share=0.05, center="label_mean")
-    assert all(0.4 < ctr[l]["share"] < 0.6 and ctr[l]["filtered"] for l in (0, 1))
-    for label in (0, 1):
-        mine = idx[lab[idx] == label]
-        assert len(mine) == 100 and (infl[mine] >= infl[lab == label].mean()).all()
-    np.testing.assert_allclose([centred(infl, lab, "label_mean")[lab == l].mean() for l in (0, 1)], 0.0, atol=1e-9)
-    with pytest.raises(ValueError, match="filter center"):
-        centred(infl, lab, "median")
 
 
 def test_soft_labels_count_by_expectation_in_the_label_mix():

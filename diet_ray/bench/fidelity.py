@@ -24,7 +24,8 @@ Variants (DESIGN §9):
   ``bench.static_outer_steps=matched`` that job gets distill.outer_steps x (t+1) outer steps,
   the staged run's total, so the comparison is about stages, not optimisation budget.
 - Ablations at ``memory.ratio`` (``bench.ablations``, ``ABLATIONS``): no growth, gradient
-  matching, random init, no bi-level step, and addressing switched on (the default leaves it out).
+  matching, no bi-level step, and two parts the default leaves out switched on: the influence
+  filter for new slots' rows and addressing.
 
 Memory epochs (``bench.memory_epochs``): candidates on every budget set train E epochs while
 full history keeps ``evaluate.train.epochs``; the first E is the headline's and the budget
@@ -82,7 +83,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "diet_addressing": {"memory.addressing": True},
     "diet_no_growth": {"memory.growth": False},
     "diet_gradient": {"distill.objective": "gradient"},
-    "diet_random_init": {"memory.init": "random"},
+    # Rows behind new slots are uniform in the default recipe; this measures the influence filter.
+    "diet_influence_init": {"memory.init": "influence_filter"},
     # The selected rows as slots, with their initial supports, labels and weights: no outer step.
     "diet_no_bilevel": {"distill.outer_steps": 0},
 }

@@ -6,14 +6,12 @@ slots from the selected rows -> bi-level Ray Train job over the addressed slots 
 (validate shards, capacity) -> atomic commit -> a ``{"kind": "stage"}`` line in results.jsonl.
 
 Row selection. New slots (stage 0: the initial C_1; later: grown and replaced slots) are
-initialised from rows of D_t with the planned label mix, drawn by ``memory.init``:
-``influence_filter`` (default) = uniformly among the rows whose influence on the stage's
-reference, less their label's mean (``memory.filter_center``), is non-negative, per label where
-at least ``memory.filter_min_share`` of the label's rows pass (else uniformly among all;
-``init_filter`` in the results line has the counts);
-``influence`` (DESIGN §5) = the most influential rows, the top ones to grown slots and the next
-to replaced slots; ``random`` (ablation) = uniformly, at every
-stage (row scoring is then skipped).
+initialised from rows of D_t with the planned label mix, drawn by ``memory.init``: ``random``
+(default) = uniformly, at every stage (row scoring is then skipped); the measured options
+``influence_filter`` = uniformly among the rows whose influence on the stage's reference is
+non-negative, per label where enough rows pass (``init_filter`` in the results line has the
+counts), and ``influence`` (DESIGN §5) = the most influential rows. Every influence form tied
+uniform rows at paired seeds (docs/method.md, "Rows behind new slots").
 
 Labels. With ``memory.label_init=expert`` (default) a slot's label logit is the stream
 expert's logit (last checkpoint of the stage, clipped to +-init_logit) instead of +-init_logit
@@ -81,7 +79,7 @@ def _select_rows(
             picked.append(rng.permutation(idx)[:k])
         idx = np.concatenate(picked).astype(np.int64)
         return rows.take(rng.permutation(idx)), None, {}
-    from diet_ray.influence.topk import filter_pick, topk_numpy
+    from diet_ray.influence.topk import FILTER_MIN_SHARE, filter_pick, topk_numpy
 
     from diet_ray.distill.stage_influence import stage_scores
 
@@ -89,14 +87,13 @@ def _select_rows(
     scores = stage_scores(store, stage, rows, es, cfg, use_gpu=_scoring_gpu(cfg), pool=pool)
     info: Dict[str, Any] = {}
     if cfg.memory.init == "influence_filter":
-        idx, rank, stats = filter_pick(scores, rows.label, rows.row_id, want, derive_seed(cfg.seed, "filter-init", stage),
-                                       float(cfg.memory.filter_min_share), cfg.memory.filter_center)
+        idx, rank, stats = filter_pick(scores, rows.label, rows.row_id, want, derive_seed(cfg.seed, "filter-init", stage))
         info["init_filter"] = {("pos" if label == 1 else "neg"): st for label, st in stats.items()}
         for label, st in stats.items():  # debug: the console keeps one line per stage; the results line has it
             if not st["filtered"] and st["rows"]:
-                log.debug("stage %d: %.2f%% of the %s rows pass the influence filter (< memory.filter_min_share=%g): "
+                log.debug("stage %d: %.2f%% of the %s rows pass the influence filter (< %g): "
                           "their new slots are drawn uniformly", stage, 100 * st["share"], "positive" if label == 1 else "negative",
-                          cfg.memory.filter_min_share)
+                          FILTER_MIN_SHARE)
     else:
         idx = topk_numpy(scores, rows.label, want, rows.row_id)
         rank = scores

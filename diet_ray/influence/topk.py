@@ -4,11 +4,10 @@ held in the driver: the expert trained on it there, and a score is 8 bytes a row
 ``topk_numpy``: the most influential rows per label (``memory.init=influence``, DESIGN §5).
 
 ``filter_pick`` (``memory.init=influence_filter``): per label, a uniform draw among the rows
-that pass the filter, topped up at random from the rest. A row passes when its influence,
-minus its label's mean influence over the stage (``center="label_mean"``), or the influence
-itself (``center="raw"``), is non-negative. The draw is a hash of ``_row_id`` and the seed, so
-it does not depend on the order rows arrive in. A label is filtered only where at least
-``min_share`` of its rows pass; below, its rows are drawn uniformly (the same hash): a sliver
+that pass the filter, topped up at random from the rest. A row passes when its influence is
+non-negative. The draw is a hash of ``_row_id`` and the seed, so it does not depend on the
+order rows arrive in. A label is filtered only where at least ``FILTER_MIN_SHARE`` of its rows
+pass; below, its rows are drawn uniformly (the same hash): a sliver
 of "helpful" rows is a sliver of near-zero scores whose sign another CPU's kernels can flip
 (docs/method.md), and it should not decide which rows fill the slots.
 
@@ -21,7 +20,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from diet_ray.config import FILTER_CENTERS
+# A label is filtered only where at least this share of its rows pass (see above). Filtering
+# always (0) measured a tie with it (docs/results.md), so it is a constant, not a knob.
+FILTER_MIN_SHARE = 0.05
 
 
 def topk_numpy(scores: np.ndarray, labels: np.ndarray, k_per_label: Dict[int, int], tiebreak: Optional[np.ndarray] = None) -> np.ndarray:
@@ -51,27 +52,8 @@ def uniform_hash(row_id: np.ndarray, seed: int) -> np.ndarray:
 
 
 def passes_filter(scores: np.ndarray) -> np.ndarray:
-    """Rows the influence filter keeps: a (centred) influence >= 0 (NaN fails)."""
+    """Rows the influence filter keeps: influence >= 0 (NaN fails)."""
     return np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-1.0) >= 0.0
-
-
-def centred(scores: np.ndarray, labels: np.ndarray, center: str) -> np.ndarray:
-    """The score the filter tests: the influence, or minus its label's mean (NaN rows ignored
-    in the mean). On MovieLens every stage's raw TracIn scores share one sign per label (the
-    reference pulls the output bias one way), so the raw test keeps a whole label or nothing."""
-    if center not in FILTER_CENTERS:
-        raise ValueError(f"filter center {center!r} not in {FILTER_CENTERS}")
-    s = np.asarray(scores, dtype=np.float64)
-    if center == "raw":
-        return s
-    out = s.copy()
-    lab = np.rint(np.asarray(labels, dtype=np.float64)).astype(np.int64)
-    for label in np.unique(lab):
-        mine = lab == label
-        finite = mine & np.isfinite(s)
-        if finite.any():
-            out[mine] -= s[finite].mean()
-    return out
 
 
 def filter_key(scores: np.ndarray, row_id: np.ndarray, seed: int) -> np.ndarray:
@@ -81,13 +63,13 @@ def filter_key(scores: np.ndarray, row_id: np.ndarray, seed: int) -> np.ndarray:
 
 
 def filter_pick(scores: np.ndarray, labels: np.ndarray, row_id: np.ndarray, k_per_label: Dict[int, int], seed: int,
-                min_share: float, center: str = "raw") -> Tuple[np.ndarray, np.ndarray, Dict[int, Dict[str, float]]]:
+                min_share: float = FILTER_MIN_SHARE) -> Tuple[np.ndarray, np.ndarray, Dict[int, Dict[str, float]]]:
     """The filter's rows: ``(indices ranked within each label, every row's rank key, per label
     {rows, passed, share, filtered})``."""
     k_per_label = {int(k): int(v) for k, v in k_per_label.items() if int(v) > 0}
     lab = np.rint(np.asarray(labels, dtype=np.float64)).astype(np.int64)
     u = uniform_hash(row_id, seed)
-    passed = passes_filter(centred(scores, lab, center))
+    passed = passes_filter(scores)
     rank = u.copy()
     stats: Dict[int, Dict[str, float]] = {}
     for label in k_per_label:
