@@ -14,7 +14,7 @@ from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField
 from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import RunStateError
 from diet_ray.memory.slots import SlotMemory, _draw_excluding, load_stage_memory
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 from diet_ray.models.registry import build_model
 
 

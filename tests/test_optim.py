@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from diet_ray.errors import ConfigError
 from diet_ray.models import Batch, build_model
-from diet_ray.models.base import InputSpec
+from diet_ray.schema import InputSpec
 from diet_ray.models.optim import LazyAdam, make_optimizer, touched_rows
 
 SPEC = InputSpec((30, 50), 1)

@@ -6,8 +6,8 @@ import torch
 
 from diet_ray.config import TrainConfig
 from diet_ray.evaluate.train import train_candidate
-from diet_ray.models.base import InputSpec
-from diet_ray.models.batch import Batch
+from diet_ray.schema import InputSpec
+from diet_ray.schema import Batch
 
 SPEC = InputSpec((22, 12), 1)
 

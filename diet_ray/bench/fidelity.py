@@ -72,7 +72,7 @@ from diet_ray.bench.fidelity_summary import FULL, FULL_SINGLE, REFERENCE, Refere
 from diet_ray.evaluate import subsets as S
 from diet_ray.evaluate.runner import POPULARITY, Candidate, CandidateRunner, check_candidates, load_memory_batch
 from diet_ray.memory.addressing import capacity
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from diet_ray.data import fs
+from diet_ray.schema import InputSpec
 
 META_COLUMNS = ("_row_id", "_ts", "_label")
 FEATURE_MAP_VERSION = 1
@@ -72,8 +73,6 @@ class FeatureMap:
         return [f.name for f in self.numeric]
 
     def input_spec(self):
-        from diet_ray.models.base import InputSpec
-
         return InputSpec(tuple(f.vocab_size for f in self.categorical), len(self.numeric))
 
     def known_limits(self, stage: int) -> np.ndarray:

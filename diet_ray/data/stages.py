@@ -13,6 +13,7 @@ import pyarrow as pa
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.errors import DataError
+from diet_ray.schema import Batch
 
 
 # Ray Data 2.60's Parquet reader (datasource V2) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
@@ -70,8 +71,6 @@ class EncodedRows:
         return self.take(np.arange(start, min(stop, len(self))))
 
     def batch(self, idx: Optional[np.ndarray] = None):
-        from diet_ray.models.batch import Batch
-
         r = self if idx is None else self.take(idx)
         return Batch.hard(r.cat, r.num, r.label)
 

@@ -103,7 +103,7 @@ from torch.func import functional_call
 from diet_ray.config import DistillConfig, derive_seed
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models.base import CTRModel, weighted_bce
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 
 log = logging.getLogger(__name__)
 

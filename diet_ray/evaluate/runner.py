@@ -22,8 +22,8 @@ from diet_ray.errors import ConfigError, DietRayError, RunStateError
 from diet_ray.evaluate import metrics
 from diet_ray.evaluate.baselines import fit_popularity
 from diet_ray.evaluate.train import train_candidate
-from diet_ray.models.base import InputSpec
-from diet_ray.models.batch import Batch
+from diet_ray.schema import InputSpec
+from diet_ray.schema import Batch
 from diet_ray.models.registry import build_model, candidate_name, split_candidate
 
 log = logging.getLogger(__name__)

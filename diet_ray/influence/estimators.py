@@ -19,7 +19,7 @@ import torch
 from diet_ray.influence import grads as G
 from diet_ray.influence.projection import DenseProjection
 from diet_ray.models.base import CTRModel
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 
 ESTIMATORS = ("tracin", "grad_norm", "loss", "random")
 

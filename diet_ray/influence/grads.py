@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jvp, vmap
 
 from diet_ray.models.base import CTRModel
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 
 EMBEDDING = "embedding.weight"
 Params = Dict[str, torch.Tensor]

@@ -18,7 +18,7 @@ from diet_ray.influence import estimators as E
 from diet_ray.influence import grads as G
 from diet_ray.influence.projection import DenseProjection
 from diet_ray.models.base import CTRModel
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, prepared_dir
 from diet_ray.errors import RunStateError
-from diet_ray.models.batch import Batch
+from diet_ray.schema import Batch
 
 SCHEMA_KEY = b"diet_ray.memory"
 SCHEMA_VERSION = 1

@@ -8,26 +8,13 @@ from __future__ import annotations
 
 import abc
 
-from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diet_ray.models.batch import Batch
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model needs to know of the inputs: per categorical field its table size, and the numeric count."""
-
-    vocab_sizes: tuple
-    num_numeric: int
-
-    @property
-    def num_fields(self) -> int:
-        return len(self.vocab_sizes) + self.num_numeric
+from diet_ray.schema import Batch, InputSpec
 
 
 class CTRModel(nn.Module):

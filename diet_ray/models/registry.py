@@ -10,7 +10,8 @@ import torch
 
 from diet_ray.config import TrainConfig
 from diet_ray.errors import ConfigError
-from diet_ray.models.base import CTRModel, InputSpec
+from diet_ray.models.base import CTRModel
+from diet_ray.schema import InputSpec
 from diet_ray.models.zoo import DCNv2, DNN, FM, LR, AutoInt, DeepFM, WideDeep
 
 MODELS: Dict[str, Type[CTRModel]] = {

@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from diet_ray.models.base import CTRModel, InputSpec, mlp
+from diet_ray.models.base import CTRModel, mlp
+from diet_ray.schema import InputSpec
 
 
 def _fm(emb: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""The one batch type every model consumes: hard rows and soft memory slots alike (DESIGN §2)."""
+"""The contract between data and models: ``InputSpec`` (what a model needs of the inputs) and
+``Batch`` (the one batch type every model consumes: hard rows and soft memory slots alike,
+DESIGN §2). Data builds them and models consume them, so neither imports the other."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -51,3 +53,15 @@ class Batch:
         ids = t(cat, torch.long).unsqueeze(-1)
         w = None if weight is None else t(weight, torch.float32)
         return cls(ids, t(numeric, torch.float32), t(label, torch.float32), None, w)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model needs to know of the inputs: per categorical field its table size, and the numeric count."""
+
+    vocab_sizes: tuple
+    num_numeric: int
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.vocab_sizes) + self.num_numeric
