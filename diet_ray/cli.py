@@ -101,7 +101,7 @@ def dispatch(args: argparse.Namespace) -> int:
         # Before any I/O: some verbs (bench) touch their output before opening a run dir.
         fs.configure(cfg.io.endpoint_url, cfg.io.region)
     if verb == "prepare":
-        from diet_ray.data.prepare import prepare
+        from diet_ray.run_dir import prepare
 
         stats = prepare(cfg)
         print(json.dumps({k: stats[k] for k in ("rows_in", "rows_accepted", "rows_rejected")}))

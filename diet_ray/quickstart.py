@@ -31,6 +31,7 @@ from typing import Any, Dict, List
 import numpy as np
 from scipy.stats import rankdata
 
+from diet_ray import layout
 from diet_ray.config import Config, config_hash, derive_seed
 from diet_ray.data import fs
 from diet_ray.errors import DataError
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 SETS = ("full", "memory", "random")
 SMALL = {"memory": "memory", "random": "uniform rows"}  # how the verdict names the small sets
-VERDICT_PNG = ("report", "verdict.png")
+VERDICT_PNG = "verdict.png"
 
 
 def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
@@ -48,7 +49,7 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     from diet_ray.bench.fidelity import protocol_for
     from diet_ray.data.stages import StageStore
     from diet_ray.distill.pipeline import run
-    from diet_ray.evaluate.runner import CandidateRunner, check_candidates, check_stages, load_memory_batch, results_path
+    from diet_ray.evaluate.runner import CandidateRunner, check_candidates, check_stages, load_memory_batch
     from diet_ray.evaluate.subsets import random_subset
 
     run(cfg, verbose=verbose)
@@ -83,8 +84,8 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
             records.append(rec)
 
     verdict = make_verdict(by_set, t, len(history), len(memory), run_dir, cfg)
-    verdict["plot"] = plot_verdict(verdict, fs.join(run_dir, *VERDICT_PNG))
-    fs.append_jsonl(results_path(run_dir), [*records, verdict])
+    verdict["plot"] = plot_verdict(verdict, layout.report_path(run_dir, VERDICT_PNG))
+    fs.append_jsonl(layout.results_path(run_dir), [*records, verdict])
     print(format_verdict(verdict))
     return verdict
 

@@ -19,7 +19,8 @@ import pytest
 from diet_ray.config import load_config
 from diet_ray.data import fs
 from diet_ray.data.stages import StageStore
-from diet_ray.distill.pipeline import RESULTS_FILE, run
+from diet_ray.distill.pipeline import run
+from diet_ray.layout import RESULTS_FILE
 from diet_ray.evaluate.runner import evaluate
 from diet_ray.memory.commit import committed_stages
 from diet_ray.memory.slots import load_stage_memory

@@ -82,7 +82,8 @@ def test_optimiser_choices_are_validated_with_a_suggestion(capsys):
 def test_run_saved_before_the_expert_optimiser_key_resumes_as_dense_adam(tmp_path):
     """A run dir whose config predates ``expert.optimizer`` was trained with dense Adam."""
     from diet_ray.errors import RunStateError
-    from diet_ray.run_dir import config_path, open_run_dir
+    from diet_ray.layout import config_path
+    from diet_ray.run_dir import open_run_dir
 
     run = f"run.dir={tmp_path / 'r'}"
     open_run_dir(C.load_config(None, [run, "expert.optimizer=adam"]))

@@ -29,7 +29,8 @@ import torch
 from diet_ray.config import InfluenceConfig, load_config
 from diet_ray.data import fs
 from diet_ray.distill.expert import StreamExpert
-from diet_ray.distill.pipeline import RESULTS_FILE, run
+from diet_ray.distill.pipeline import run
+from diet_ray.layout import RESULTS_FILE
 from diet_ray.errors import RunStateError
 from diet_ray.faults import FAULT_ENV
 from diet_ray.influence.ray_scoring import ScoringPool

@@ -175,7 +175,7 @@ def test_addressing_option_replaces_stale_slots_and_refines_a_subset(tmp_path, m
 
 
 def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
-    from diet_ray.data.prepare import prepare
+    from diet_ray.run_dir import prepare
 
     cfg = load_config(str(configs_dir / "movielens.yaml"), [f"data.source={ml_small}", f"run.dir={tmp_path / 'src'}", "data.stages.count=4"])
     prepare(cfg)
@@ -195,7 +195,7 @@ def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
 def test_a_multi_file_stage_reads_in_the_same_order_every_time(tmp_path, ml_small, configs_dir, ray_local):
     """A merged stage (the static baseline's) has one file per source stage. Its rows must reach
     the bi-level step in file order, or the memory changes from one run to the next at a seed."""
-    from diet_ray.data.prepare import prepare
+    from diet_ray.run_dir import prepare
     from diet_ray.distill.worker import _real_batches
 
     cfg = load_config(str(configs_dir / "movielens.yaml"), [f"data.source={ml_small}", f"run.dir={tmp_path / 'src'}", "data.stages.count=8"])

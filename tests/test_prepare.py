@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from diet_ray.config import load_config
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.data.prepare import prepare
+from diet_ray.run_dir import prepare
 from diet_ray.data.stages import StageStore
 from diet_ray.errors import DataError
 

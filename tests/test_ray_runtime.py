@@ -91,7 +91,7 @@ def test_stage_reads_start_one_footer_actor_per_128_files(ray_local, tmp_path, m
     """Ray Data's default is 32 footer-reading actors (processes) per planned read; a stage
     read of a few files plans one, the env var is put back, and a user's own value wins."""
     from diet_ray.config import load_config
-    from diet_ray.data.prepare import prepare
+    from diet_ray.run_dir import prepare
     from diet_ray.data.stages import FOOTER_ACTORS_ENV, StageStore, footer_actors
 
     assert (footer_actors(1), footer_actors(128), footer_actors(129), footer_actors(10**6)) == (1, 1, 2, 32)

@@ -11,7 +11,8 @@ import pytest
 
 from diet_ray.config import load_config
 from diet_ray.data import fs
-from diet_ray.distill.pipeline import RESULTS_FILE, run
+from diet_ray.distill.pipeline import run
+from diet_ray.layout import RESULTS_FILE
 from diet_ray.errors import RunStateError
 from diet_ray.memory.commit import last_committed_stage
 from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, load_stage_memory

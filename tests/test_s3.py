@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from diet_ray.config import load_config
-from diet_ray.data.prepare import prepare
+from diet_ray.run_dir import prepare
 from diet_ray.data.stages import StageStore
 from diet_ray.errors import DataError
 

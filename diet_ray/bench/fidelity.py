@@ -63,10 +63,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from diet_ray import layout
 from diet_ray.config import FIDELITY_VARIANTS, Config, TrainConfig, config_hash, derive_seed, load_config
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap, StageInfo
-from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir, stage_dir
+from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import ConfigError, RunStateError
 from diet_ray.bench.fidelity_summary import FULL, FULL_SINGLE, REFERENCE, Reference, fidelity_metrics
 from diet_ray.evaluate import subsets as S
@@ -148,10 +149,10 @@ def budget_tag(b: float) -> str:
 def write_prepared_groups(store: StageStore, run_dir: str, groups: Sequence[Sequence[int]]) -> None:
     """``run_dir/prepared`` with stage i = the source stages ``groups[i]`` concatenated (files
     copied, feature map re-derived). Resumable: existing stage dirs are kept."""
-    src, dst = store.root, prepared_dir(run_dir)
+    src, dst = store.root, layout.prepared_dir(run_dir)
     fmap = store.fmap
     for i, group in enumerate(groups):
-        d = stage_dir(dst, i)
+        d = layout.prepared_stage_dir(dst, i)
         if fs.exists(fs.join(d, "_COPIED")):
             continue
         for s in group:
@@ -168,9 +169,9 @@ def write_prepared_groups(store: StageStore, run_dir: str, groups: Sequence[Sequ
         infos.append(StageInfo(i, sum(p.rows for p in parts), sum(p.positives for p in parts), parts[0].start_ts, parts[-1].end_ts))
     cats = [dataclasses.replace(c, known=[c.known[g[-1]] for g in groups]) for c in fmap.categorical]
     FeatureMap(fmap.source, fmap.label_rule, fmap.timestamp, cats, list(fmap.numeric), infos, fmap.version).save(
-        fs.join(dst, "feature_map.json")
+        fs.join(dst, layout.FEATURE_MAP_FILE)
     )
-    fs.write_bytes_atomic(fs.join(dst, "_SUCCESS"), b"")
+    fs.write_bytes_atomic(fs.join(dst, layout.SUCCESS), b"")
 
 
 def set_key(cfg: Config, dotted: str, value: Any) -> None:
@@ -206,7 +207,6 @@ def distill_run(
     groups: Sequence[Sequence[int]], changes: Dict[str, Any], verbose: bool,
 ) -> str:
     """Run (or resume) the DIET pipeline on the stage groups; returns the run dir."""
-    from diet_ray.distill.expert import experts_root
     from diet_ray.distill.pipeline import run
 
     rcfg = copy.deepcopy(cfg)
@@ -222,7 +222,7 @@ def distill_run(
         log.info("distilled %s: %d stage(s) in %.0fs", name, len(summary["new_stages"]), time.perf_counter() - t0)
     # The bench reads only the committed memories and their metrics. The run's expert checkpoints
     # (0.5 GB a run on Taobao, dozens of runs a bench) are needed only to resume a half-done run.
-    fs.remove(experts_root(rcfg.run.dir))
+    fs.remove(layout.experts_root(rcfg.run.dir))
     return rcfg.run.dir
 
 
@@ -233,7 +233,7 @@ def distill_cost(run_dir: str, through: int, cfg: Config) -> Dict[str, Any]:
     as rows scored x checkpoints."""
     out = {"expert_s": 0.0, "influence_s": 0.0, "bilevel_s": 0.0, "sample_steps": 0}
     for t in range(through + 1):
-        m = fs.read_json(fs.join(run_dir, "stages", f"stage={t:04d}", "metrics.json"))
+        m = fs.read_json(fs.join(layout.committed_stage_dir(run_dir, t), "metrics.json"))
         out["expert_s"] += float(m.get("expert_s") or 0.0)
         out["influence_s"] += float(m.get("influence_s") or 0.0)
         out["bilevel_s"] += float(m.get("bilevel_s") or 0.0)
@@ -331,12 +331,12 @@ class _Cache:
 
 class FidelityBench:
     def __init__(self, cfg: Config, out: str, verbose: bool):
-        from diet_ray.data.prepare import prepare
+        from diet_ray.run_dir import prepare
 
         self.cfg, self.out, self.verbose = cfg, out, verbose
         data_cfg = copy.deepcopy(cfg)
         data_cfg.run.dir = fs.join(out, "data")
-        if not fs.exists(fs.join(prepared_dir(data_cfg.run.dir), "_SUCCESS")):
+        if not layout.is_prepared(data_cfg.run.dir):
             prepare(data_cfg)
         self.store = StageStore(data_cfg.run.dir)
         self.fmap = self.store.fmap

@@ -143,14 +143,12 @@ def _pipeline(stage_rows, fmap, cfg: Config, es, actors: int, estimator: str) ->
 
 
 def bench_influence(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
-    from diet_ray.distill.stage_influence import ensure_prepared
     from diet_ray.parallelism import actors
     from diet_ray.ray_runtime import cluster_cpus, init_ray
-    from diet_ray.run_dir import open_run_dir
+    from diet_ray.run_dir import ensure_prepared
 
     cfg = _bench_run(cfg, out, rows)
-    run_dir = open_run_dir(cfg)
-    ensure_prepared(cfg, run_dir)
+    run_dir = ensure_prepared(cfg)
     store = StageStore(run_dir)
     stage_rows = store.read_stage(0)
     expert = StreamExpert.from_config(cfg, store.fmap, run_dir)

@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 from diet_ray.bench.sampling import PeriodicSampler
 from diet_ray.config import Config
 from diet_ray.data import fs
-from diet_ray.data.prepare import prepare
+from diet_ray.run_dir import prepare
 from diet_ray.data.synthetic import is_synthetic, parse_source, with_rows
 
 log = logging.getLogger(__name__)

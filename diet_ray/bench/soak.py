@@ -153,7 +153,7 @@ def soak_config(cfg: Config, out: str, rows: Optional[int]) -> Config:
 
 def bench_soak(cfg: Config, out: str, rows: Optional[int] = None, verbose: bool = False) -> Dict[str, Any]:
     """prepare + run over ``rows`` synthetic rows (default 10M) in >= 10 stages, cold, in ``out/run``."""
-    from diet_ray.data.prepare import prepare
+    from diet_ray.run_dir import prepare
     from diet_ray.distill.pipeline import run
 
     cfg = soak_config(cfg, out, rows)

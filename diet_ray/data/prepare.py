@@ -26,7 +26,7 @@ from diet_ray.data.labelrule import LabelRule, parse_label_rule, to_float, to_te
 from diet_ray.data.reader import RawChunk, Source, check_columns, open_source, read_side_table, source_dir
 from diet_ray.data.vocab import MISSING_VALUE, ValueCoder, finalize
 from diet_ray.errors import ConfigError, DataError
-from diet_ray.run_dir import open_run_dir
+from diet_ray.layout import FEATURE_MAP_FILE, SUCCESS, prepared_dir, prepared_stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -365,8 +365,8 @@ def _hash_rows(ts: np.ndarray, label: np.ndarray, codes: List[np.ndarray], num: 
 
 
 def prepared_paths(run_dir: str) -> Dict[str, str]:
-    root = fs.join(run_dir, "prepared")
-    return {"root": root, "success": fs.join(root, "_SUCCESS"), "fmap": fs.join(root, "feature_map.json"),
+    root = prepared_dir(run_dir)
+    return {"root": root, "success": fs.join(root, SUCCESS), "fmap": fs.join(root, FEATURE_MAP_FILE),
             "stats": fs.join(root, "prepare_stats.json")}
 
 
@@ -392,10 +392,10 @@ def _too_many_rejects(st: _Pass, rejected: int, dc: DataConfig, rejects_uri: str
     )
 
 
-def prepare(cfg: Config) -> Dict[str, Any]:
-    """Prepare ``cfg.data.source`` into ``cfg.run.dir/prepared`` (reused if already complete); returns the stats."""
+def prepare_into(cfg: Config, run_dir: str) -> Dict[str, Any]:
+    """Prepare ``cfg.data.source`` into the opened ``run_dir`` (reused if already complete); returns
+    the stats. ``diet_ray.run_dir.prepare`` / ``ensure_prepared`` open the run dir first."""
     t0 = time.perf_counter()
-    run_dir = open_run_dir(cfg)
     dc = cfg.data
     paths = prepared_paths(run_dir)
     if fs.exists(paths["success"]) and fs.exists(paths["fmap"]):
@@ -415,7 +415,7 @@ def prepare(cfg: Config) -> Dict[str, Any]:
             f"{dc.source}: no data rows in {len(prep.source.files)} file(s). Check data.source "
             "(an empty file, or only a header?)."
         )
-    tmp = fs.join(run_dir, f"prepared.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = f"{prepared_dir(run_dir)}.tmp-{uuid.uuid4().hex[:8]}"
     if rejected / st.rows_in > dc.max_reject_frac or n == 0:
         uri = fs.join(run_dir, "rejects.jsonl")
         _write_rejects(uri, st.rejects)
@@ -470,10 +470,10 @@ def prepare(cfg: Config) -> Dict[str, Any]:
                 cols[name] = final_ids[f][codes[f][idx]]
             for j, nf in enumerate(num_fields):
                 cols[nf.name] = ((nums[j][idx] - nf.mean) / nf.std).astype(np.float32)
-            fs.write_parquet_atomic(pa.table(cols), fs.join(tmp, f"stage={t:04d}", f"part-{part:05d}.parquet"))
+            fs.write_parquet_atomic(pa.table(cols), fs.join(prepared_stage_dir(tmp, t), f"part-{part:05d}.parquet"))
 
     fmap = FeatureMap(dc.source, dc.label, dc.timestamp, cat_fields, num_fields, per_stage)
-    fmap.save(fs.join(tmp, "feature_map.json"))
+    fmap.save(fs.join(tmp, FEATURE_MAP_FILE))
     _write_rejects(fs.join(tmp, "rejects.jsonl"), st.rejects)
     wall = time.perf_counter() - t0
     stats = {

@@ -13,6 +13,7 @@ import pyarrow as pa
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.errors import DataError
+from diet_ray.layout import FEATURE_MAP_FILE, prepared_dir, prepared_stage_dir
 from diet_ray.schema import Batch
 
 
@@ -41,14 +42,6 @@ def sized_footer_pool(n_files: int):
         yield
     finally:
         os.environ.pop(FOOTER_ACTORS_ENV, None)
-
-
-def prepared_dir(run_dir: str) -> str:
-    return fs.join(run_dir, "prepared")
-
-
-def stage_dir(prepared: str, stage: int) -> str:
-    return fs.join(prepared, f"stage={stage:04d}")
 
 
 @dataclass
@@ -102,7 +95,7 @@ class StageStore:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.root = prepared_dir(run_dir)
-        self.fmap = FeatureMap.load(fs.join(self.root, "feature_map.json"))
+        self.fmap = FeatureMap.load(fs.join(self.root, FEATURE_MAP_FILE))
 
     @property
     def num_stages(self) -> int:
@@ -111,7 +104,7 @@ class StageStore:
     def stage_files(self, stage: int) -> List[str]:
         if not 0 <= stage < self.num_stages:
             raise DataError(f"stage {stage} does not exist: the prepared stream has stages 0..{self.num_stages - 1}")
-        d = stage_dir(self.root, stage)
+        d = prepared_stage_dir(self.root, stage)
         if self.fmap.stages[stage].rows == 0:
             return []
         return fs.expand(fs.join(d, "*.parquet"))

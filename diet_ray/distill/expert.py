@@ -37,6 +37,7 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import RunStateError
+from diet_ray.layout import expert_stage_dir
 from diet_ray.models import Batch, CTRModel, build_model
 from diet_ray.models.optim import make_optimizer
 
@@ -59,14 +60,6 @@ class ExpertStage:
     train_rows: int  # rows trained on in this stage's pass (previous holdout included)
     wall_s: float
     sample_steps: int  # rows x passes: the expert's share of the distillation cost
-
-
-def experts_root(run_dir: str) -> str:
-    return fs.join(run_dir, "expert")
-
-
-def expert_dir(run_dir: str, stage: int) -> str:
-    return fs.join(experts_root(run_dir), f"stage={stage:04d}")
 
 
 def split_reference(rows: EncodedRows, holdout_frac: float) -> tuple[EncodedRows, EncodedRows]:
@@ -150,7 +143,7 @@ class StreamExpert:
         model = self.build_model()
         opt = self.build_optimizer(model)
         if stage > 0:
-            prev_dir = expert_dir(self.run_dir, stage - 1)
+            prev_dir = expert_stage_dir(self.run_dir, stage - 1)
             meta = self._meta(stage - 1)
             if meta is None:
                 raise RunStateError(
@@ -203,7 +196,7 @@ class StreamExpert:
     # -- persistence ----------------------------------------------------------------------
 
     def _save(self, st: ExpertStage, opt: torch.optim.Optimizer) -> None:
-        d = expert_dir(self.run_dir, st.stage)
+        d = expert_stage_dir(self.run_dir, st.stage)
         for c in st.checkpoints:
             _save_torch(fs.join(d, f"ckpt-{c.index:02d}.pt"), c.state)
             if c.optim is not None:
@@ -226,7 +219,7 @@ class StreamExpert:
         """The stage's meta.json (written last: its presence means the stage is complete), or
         None; one saved for another model, optimiser or checkpoint count is refused (stages
         saved before the optimiser was recorded used dense Adam)."""
-        meta_uri = fs.join(expert_dir(self.run_dir, stage), "meta.json")
+        meta_uri = fs.join(expert_stage_dir(self.run_dir, stage), "meta.json")
         if not fs.exists(meta_uri):
             return None
         meta = fs.read_json(meta_uri)
@@ -249,12 +242,12 @@ class StreamExpert:
         meta = self._meta(stage)
         if meta is None:
             return False
-        d = expert_dir(self.run_dir, stage)
+        d = expert_stage_dir(self.run_dir, stage)
         files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
         return all(fs.exists(fs.join(d, f)) for f in files)
 
     def load_stage(self, stage: int) -> Optional[ExpertStage]:
-        d = expert_dir(self.run_dir, stage)
+        d = expert_stage_dir(self.run_dir, stage)
         meta = self._meta(stage)
         if meta is None:
             return None

@@ -36,10 +36,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from diet_ray import layout
 from diet_ray.config import Config, config_hash, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
+from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import RunStateError
 from diet_ray.faults import fault_spec
@@ -49,7 +50,6 @@ from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory, load_stage_memo
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
 # The driver's fault hook for the kill-resume tests (diet_ray.faults): SIGKILL right after a
 # stage is committed and before its results line is written.
 DRIVER_KILL_FAULT = "driver-kill:"
@@ -168,7 +168,7 @@ def _new_slots(
 def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any], chash: str, fmap: FeatureMap) -> None:
     commit_stage(run_dir, stage, memory, metrics, chash, fmap=fmap)
     _maybe_kill_driver(stage)
-    fs.append_jsonl(fs.join(run_dir, RESULTS_FILE), [dict(kind="stage", **metrics)])
+    fs.append_jsonl(layout.results_path(run_dir), [dict(kind="stage", **metrics)])
 
 
 def _maybe_kill_driver(stage: int) -> None:
@@ -335,14 +335,13 @@ def _restore_results_lines(run_dir: str, last: int) -> None:
     but unreported (and a rerun does not recompute it): rebuild the line from the committed
     metrics.json, which holds the same record."""
     from diet_ray.memory.commit import METRICS_FILE
-    from diet_ray.memory.slots import committed_stage_dir
 
-    uri = fs.join(run_dir, RESULTS_FILE)
+    uri = layout.results_path(run_dir)
     have = {r.get("stage") for r in fs.read_jsonl(uri) if r.get("kind") == "stage"}
     missing = [t for t in range(last + 1) if t not in have]
     if missing:
         log.warning("%s: restoring the results lines of committed stage(s) %s (interrupted after commit)", uri, missing)
-        fs.append_jsonl(uri, [dict(kind="stage", **fs.read_json(fs.join(committed_stage_dir(run_dir, t), METRICS_FILE)))
+        fs.append_jsonl(uri, [dict(kind="stage", **fs.read_json(fs.join(layout.committed_stage_dir(run_dir, t), METRICS_FILE)))
                               for t in missing])
 
 
@@ -352,14 +351,10 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from diet_ray.ray_runtime import init_ray
-    from diet_ray.run_dir import open_run_dir
+    from diet_ray.run_dir import ensure_prepared
 
     t_run = time.perf_counter()
-    run_dir = open_run_dir(cfg)
-    if not fs.exists(fs.join(prepared_dir(run_dir), "_SUCCESS")):
-        from diet_ray.data.prepare import prepare
-
-        prepare(cfg)
+    run_dir = ensure_prepared(cfg)
     store = StageStore(run_dir)
     fmap = store.fmap
     last = last_committed_stage(run_dir, config_hash(cfg))

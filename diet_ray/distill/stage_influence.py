@@ -24,7 +24,8 @@ from diet_ray.data import fs
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import DataError
-from diet_ray.run_dir import open_run_dir
+from diet_ray.layout import influence_dir, report_path
+from diet_ray.run_dir import ensure_prepared
 
 if TYPE_CHECKING:
     from diet_ray.influence.ray_scoring import ScoringPool
@@ -32,18 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
-
-
-def influence_dir(run_dir: str, stage: int) -> str:
-    return fs.join(run_dir, "influence", f"stage={stage:04d}")
-
-
-def ensure_prepared(cfg: Config, run_dir: str) -> None:
-    if not fs.exists(fs.join(run_dir, "prepared", "_SUCCESS")):
-        from diet_ray.data.prepare import prepare
-
-        log.info("preparing %s into %s", cfg.data.source, run_dir)
-        prepare(cfg)
 
 
 def summarize(row_id: np.ndarray, label: np.ndarray, scores: np.ndarray) -> Dict[str, Any]:
@@ -111,8 +100,7 @@ def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str,
     """Prepare if needed, train/load the expert through ``stage``, score it (on Ray, or in the driver), write outputs."""
     from diet_ray.ray_runtime import init_ray
 
-    run_dir = open_run_dir(cfg)
-    ensure_prepared(cfg, run_dir)
+    run_dir = ensure_prepared(cfg)
     store = StageStore(run_dir)
     if not 0 <= stage < store.num_stages:
         raise DataError(f"--stage {stage} does not exist: {run_dir}/prepared has stages 0..{store.num_stages - 1}")
@@ -148,6 +136,6 @@ def influence_stage(cfg: Config, stage: int, verbose: bool = False) -> Dict[str,
     )
     fs.write_json_atomic(fs.join(out, "summary.json"), summary)
     if scores.size:
-        plot_histogram(fs.join(run_dir, "report", f"influence_stage={stage:04d}.png"), label, scores, stage, cfg.influence.estimator)
+        plot_histogram(report_path(run_dir, f"influence_stage={stage:04d}.png"), label, scores, stage, cfg.influence.estimator)
     log.info("stage %d: %d rows scored in %.1fs (influence: %s) -> %s", stage, scores.size, score_s, summary["influence_path"], out)
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List
 
+from diet_ray import layout
 from diet_ray.data import fs
 from diet_ray.errors import DataError
 
@@ -13,7 +14,7 @@ POPULARITY = "popularity"
 
 
 def evaluate_records(run_dir: str) -> List[Dict[str, Any]]:
-    path = fs.join(run_dir, "results.jsonl")
+    path = layout.results_path(run_dir)
     recs = [r for r in fs.read_jsonl(path) if r.get("kind") == "evaluate"]
     if not recs:
         raise DataError(f"{path}: no evaluation results to plot. Run `diet-ray evaluate -c CONFIG run.dir={run_dir}` first.")
@@ -83,6 +84,6 @@ def report(run_dir: str) -> List[str]:
 
     if is_fidelity_dir(run_dir):
         return redraw(run_dir)
-    out = plot_evaluate_auc(evaluate_records(run_dir), fs.join(run_dir, "report", "evaluate_auc.png"))
+    out = plot_evaluate_auc(evaluate_records(run_dir), layout.report_path(run_dir, "evaluate_auc.png"))
     log.info("wrote %s", out)
     return [out]

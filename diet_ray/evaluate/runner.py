@@ -15,16 +15,16 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
+from diet_ray import layout
 from diet_ray.config import Config, config_hash, derive_seed
 from diet_ray.data import fs
-from diet_ray.data.stages import EncodedRows, StageStore, prepared_dir
+from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import ConfigError, DietRayError, RunStateError
 from diet_ray.evaluate import metrics
 from diet_ray.evaluate.baselines import fit_popularity
 from diet_ray.evaluate.train import train_candidate
-from diet_ray.schema import InputSpec
-from diet_ray.schema import Batch
 from diet_ray.models.registry import build_model, candidate_name, split_candidate
+from diet_ray.schema import Batch, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ class Candidate:
     spec: Dict[str, Any]  # the candidate dict as configured
     name: str
     model: str
-
-
-def results_path(run_dir: str) -> str:
-    return fs.join(run_dir, "results.jsonl")
 
 
 # ------------------------------------------------------------------------------ validation
@@ -79,17 +75,9 @@ def check_stages(stages: Optional[List[int]], num_stages: int) -> List[int]:
     return sorted({int(t) for t in chosen})
 
 
-def ensure_prepared(cfg: Config, run_dir: str) -> None:
-    if not fs.exists(fs.join(prepared_dir(run_dir), "_SUCCESS")):
-        from diet_ray.data.prepare import prepare
-
-        log.info("%s has no prepared stream; preparing %s first", run_dir, cfg.data.source)
-        prepare(cfg)
-
-
 def load_memory_batch(run_dir: str, stage: int, temperature: float) -> Batch:
-    marker = fs.join(run_dir, "stages", f"stage={stage:04d}", "_SUCCESS")
-    if not fs.exists(marker):
+    if not layout.is_committed(run_dir, stage):
+        marker = fs.join(layout.committed_stage_dir(run_dir, stage), layout.SUCCESS)
         raise RunStateError(
             f"{run_dir}: no committed memory for stage {stage} ({marker} is missing); "
             "run `diet-ray run` with this config first, or drop 'memory' from evaluate.variants"
@@ -177,10 +165,9 @@ class CandidateRunner:
 
 def evaluate(cfg: Config, verbose: bool = False) -> List[Dict[str, Any]]:
     """Evaluate cfg.evaluate.candidates x cfg.evaluate.variants at cfg.evaluate.stages; returns the records."""
-    from diet_ray.run_dir import open_run_dir
+    from diet_ray.run_dir import ensure_prepared
 
-    run_dir = open_run_dir(cfg)
-    ensure_prepared(cfg, run_dir)
+    run_dir = ensure_prepared(cfg)
     store = StageStore(run_dir)
     fmap = store.fmap
     spec = fmap.input_spec()
@@ -207,7 +194,7 @@ def evaluate(cfg: Config, verbose: bool = False) -> List[Dict[str, Any]]:
             out = runner.run(cands, seeds, runner.put(train), test_ref, desc=f"stage {t} {variant}")
             for c, seed, r in zip(cands, seeds, out):
                 stage_records.append({**base, **r, "candidate": c.name, "model": c.model, "variant": variant, "seed": seed})
-        fs.append_jsonl(results_path(run_dir), stage_records)
+        fs.append_jsonl(layout.results_path(run_dir), stage_records)
         log_stage(t, stage_records)
         records.extend(stage_records)
     print(format_table(records))

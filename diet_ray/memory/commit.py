@@ -20,9 +20,9 @@ import numpy as np
 
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.data.stages import prepared_dir
+from diet_ray.layout import SUCCESS, committed_stage_dir, feature_map_path, stage_name, stages_root
 from diet_ray.errors import RunStateError
-from diet_ray.memory.slots import MEMORY_FILE, SUCCESS, SlotMemory, committed_stage_dir, stages_root
+from diet_ray.memory.slots import MEMORY_FILE, SlotMemory
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 def _load_fmap(run_dir: str) -> FeatureMap:
-    return FeatureMap.load(fs.join(prepared_dir(run_dir), "feature_map.json"))
+    return FeatureMap.load(feature_map_path(run_dir))
 
 
 def commit_stage(
@@ -139,7 +139,7 @@ def commit_stage(
     final = committed_stage_dir(run_dir, stage)
     if fs.exists(fs.join(final, SUCCESS)):
         raise RunStateError(f"{final}: stage {stage} is already committed; start a new run.dir to recompute it")
-    tmp = fs.join(root, f".tmp-stage={stage:04d}")
+    tmp = fs.join(root, f".tmp-{stage_name(stage)}")
     fs.remove(tmp)
     fs.makedirs(tmp)
 

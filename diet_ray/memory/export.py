@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from diet_ray.data import fs
 from diet_ray.data.feature_map import CategoricalField, FeatureMap
-from diet_ray.data.stages import prepared_dir
+from diet_ray.layout import FEATURE_MAP_FILE, prepared_dir
 from diet_ray.errors import DataError
 from diet_ray.memory.slots import SlotMemory, load_stage_memory
 
@@ -108,7 +108,7 @@ def export(run_dir: str, stage: int, fmt: str, out: str) -> str:
         raise DataError(f"export format '{fmt}' is not one of {list(FORMATS)}")
     memory = load_stage_memory(run_dir, stage)
     prepared = prepared_dir(run_dir)
-    fmap = FeatureMap.load(fs.join(prepared, "feature_map.json"))
+    fmap = FeatureMap.load(fs.join(prepared, FEATURE_MAP_FILE))
     temperature = _temperature(run_dir)
     table = soft_table(memory, fmap, temperature) if fmt == "soft" else hard_table(memory, fmap, prepared, temperature)
     fs.write_parquet_atomic(table, out)

@@ -28,14 +28,14 @@ import torch.nn.functional as F
 
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.data.stages import EncodedRows, prepared_dir
+from diet_ray.data.stages import EncodedRows
+from diet_ray.layout import SUCCESS, committed_stage_dir, feature_map_path
 from diet_ray.errors import RunStateError
 from diet_ray.schema import Batch
 
 SCHEMA_KEY = b"diet_ray.memory"
 SCHEMA_VERSION = 1
 META_FIELDS = ("slot_id", "born_stage", "updated_stage", "last_influence", "source_row")
-SUCCESS = "_SUCCESS"
 MEMORY_FILE = "memory.parquet"
 
 # softplus^-1(1.0): a slot initialised from one real row stands for one row.
@@ -48,14 +48,6 @@ def ids_column(field: str) -> str:
 
 def logits_column(field: str) -> str:
     return f"{field}__logits"
-
-
-def stages_root(run_dir: str) -> str:
-    return fs.join(run_dir, "stages")
-
-
-def committed_stage_dir(run_dir: str, stage: int) -> str:
-    return fs.join(stages_root(run_dir), f"stage={stage:04d}")
 
 
 @dataclass
@@ -487,5 +479,5 @@ def load_stage_memory(run_dir: str, stage: int) -> SlotMemory:
             f"{d}: stage {stage} has no committed memory (_SUCCESS missing). Run `diet-ray run` first."
         )
     verify_stage(run_dir, stage)
-    fmap = FeatureMap.load(fs.join(prepared_dir(run_dir), "feature_map.json"))
+    fmap = FeatureMap.load(feature_map_path(run_dir))
     return SlotMemory.load(fs.join(d, MEMORY_FILE), fmap)
