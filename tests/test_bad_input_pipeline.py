@@ -22,8 +22,7 @@ from diet_ray.data.stages import StageStore
 from diet_ray.distill.pipeline import run
 from diet_ray.layout import RESULTS_FILE
 from diet_ray.evaluate.runner import evaluate
-from diet_ray.memory.commit import committed_stages
-from diet_ray.memory.slots import load_stage_memory
+from diet_ray.memory.store import committed_stages, load_stage_memory
 
 DAY = 86_400
 BASE = 1_700_000_000 - 1_700_000_000 % DAY  # a UTC midnight

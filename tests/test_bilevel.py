@@ -16,7 +16,7 @@ from diet_ray.data.stages import EncodedRows
 from diet_ray.distill.bilevel import (AdamState, RowClock, ShardDistiller, SlotShard, adam_update, distributed_reduce_sum,
                                      lazy_adam_update)
 from diet_ray.distill.expert import StreamExpert
-from diet_ray.memory.commit import shard_assignment
+from diet_ray.memory.store import shard_assignment
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models import build_model
 from diet_ray.models.optim import make_optimizer

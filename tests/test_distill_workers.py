@@ -14,7 +14,7 @@ from diet_ray.distill.bilevel import ShardDistiller, SlotShard
 from diet_ray.distill.expert import ExpertCheckpoint
 from diet_ray.distill.trainer import fit_stage
 from diet_ray.faults import FAULT_ENV
-from diet_ray.memory.commit import shard_assignment, validate_shards
+from diet_ray.memory.store import shard_assignment, validate_shards
 
 from test_bilevel import CFG, MODEL, tiny_fmap, tiny_problem, tiny_rows
 

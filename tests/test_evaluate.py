@@ -154,7 +154,7 @@ def test_popularity_field_override_is_checked(tmp_path):
 
 def test_memory_variant_trains_on_the_committed_memory(tmp_path):
     slots = pytest.importorskip("diet_ray.memory.slots")
-    commit = pytest.importorskip("diet_ray.memory.commit")
+    memory_store = pytest.importorskip("diet_ray.memory.store")
     from diet_ray.config import MemoryConfig, config_hash
     from diet_ray.data.stages import StageStore
 
@@ -164,7 +164,7 @@ def test_memory_variant_trains_on_the_committed_memory(tmp_path):
     store = StageStore(run_dir)
     rows = store.read_stage(0).slice(0, 300)
     mem = slots.SlotMemory.from_rows(rows, store.fmap, MemoryConfig(), 0, 0, np.random.default_rng(0))
-    commit.commit_stage(run_dir, 0, mem, {"rows": 300}, config_hash(cfg))
+    memory_store.commit_stage(run_dir, 0, mem, {"rows": 300}, config_hash(cfg))
 
     recs = evaluate(cfg)
     mem_recs = [r for r in recs if r["variant"] == "memory"]

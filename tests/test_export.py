@@ -11,7 +11,7 @@ import torch
 
 from diet_ray.cli import main
 from diet_ray.data import fs
-from diet_ray.memory.commit import commit_stage
+from diet_ray.memory.store import commit_stage
 from diet_ray.memory.export import argmax_ids, export
 
 from test_memory_slots import tiny_fmap, tiny_memory

@@ -129,7 +129,8 @@ def test_no_bilevel_ablation_commits_the_selected_rows_unchanged(tmp_path, ml_sm
     from diet_ray.bench.fidelity import ABLATIONS
     from diet_ray.distill.expert import StreamExpert
     from diet_ray.distill.pipeline import run
-    from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, load_stage_memory
+    from diet_ray.memory.slots import UNIT_WEIGHT_PARAM
+    from diet_ray.memory.store import load_stage_memory
 
     extra = [f"{k}={v}" for k, v in ABLATIONS["diet_no_bilevel"].items()]
     cfg = _small_cfg(ml_small, configs_dir, tmp_path, *extra)
@@ -160,7 +161,7 @@ def test_addressing_option_replaces_stale_slots_and_refines_a_subset(tmp_path, m
     replaced and the top refine_frac of the kept ones."""
     from diet_ray.bench.fidelity import ABLATIONS
     from diet_ray.distill.pipeline import run
-    from diet_ray.memory.slots import load_stage_memory
+    from diet_ray.memory.store import load_stage_memory
 
     extra = [f"{k}={v}" for k, v in ABLATIONS["diet_addressing"].items()] + ["memory.replace_frac=0.3", "memory.refine_frac=0.2"]
     cfg = _small_cfg(ml_small, configs_dir, tmp_path, *extra)

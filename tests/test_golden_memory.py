@@ -23,7 +23,7 @@ import torch
 
 from diet_ray.config import load_config
 from diet_ray.distill.pipeline import run
-from diet_ray.memory.slots import load_stage_memory
+from diet_ray.memory.store import load_stage_memory
 
 GOLDEN = Path(__file__).parent / "data" / "golden_memory.json"
 TINY = [

@@ -19,7 +19,7 @@ from diet_ray.distill.expert import ExpertCheckpoint, StreamExpert
 from diet_ray.distill.trainer import fit_stage
 from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
-from diet_ray.memory.commit import validate_shards
+from diet_ray.memory.store import validate_shards
 
 import test_bilevel
 import test_expert

@@ -24,7 +24,7 @@ import pytest
 from conftest import free_port
 from diet_ray.data import fs
 from diet_ray.layout import RESULTS_FILE
-from diet_ray.memory.commit import last_committed_stage
+from diet_ray.memory.store import last_committed_stage
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -13,7 +13,9 @@ from diet_ray.config import MemoryConfig
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import RunStateError
-from diet_ray.memory.slots import SlotMemory, _draw_excluding, load_stage_memory
+from diet_ray.memory.parquet import load_memory, save_memory, to_arrow
+from diet_ray.memory.slots import SlotMemory, _draw_excluding
+from diet_ray.memory.store import load_stage_memory
 from diet_ray.schema import Batch
 from diet_ray.models.registry import build_model
 
@@ -90,9 +92,9 @@ def test_round_trip_save_load(tmp_path):
     mem = tiny_memory()
     mem.last_influence = np.linspace(-2, 3, len(mem))
     uri = str(tmp_path / "m" / "memory.parquet")
-    digest = mem.save(uri)
+    digest = save_memory(mem, uri)
     assert digest == hashlib.sha256((tmp_path / "m" / "memory.parquet").read_bytes()).hexdigest()
-    back = SlotMemory.load(uri, tiny_fmap())
+    back = load_memory(uri, tiny_fmap())
     assert_same(mem, back)
     assert back.cat_names == ("user", "item") and back.num_names == ("price",)
     cols = pq.read_table(uri).column_names
@@ -100,13 +102,13 @@ def test_round_trip_save_load(tmp_path):
     assert {"user__ids", "user__logits", "item__ids", "item__logits", "price"} <= set(cols)
     # empty memory round-trips with its K
     empty = SlotMemory.empty(tiny_fmap(), 3)
-    empty.save(str(tmp_path / "e.parquet"))
-    e2 = SlotMemory.load(str(tmp_path / "e.parquet"), tiny_fmap())
+    save_memory(empty, str(tmp_path / "e.parquet"))
+    e2 = load_memory(str(tmp_path / "e.parquet"), tiny_fmap())
     assert len(e2) == 0 and e2.ids.shape == (0, 2, 3)
 
 
 def _corrupt(tmp_path, mutate) -> str:
-    table = tiny_memory().to_arrow(tiny_fmap())
+    table = to_arrow(tiny_memory(), tiny_fmap())
     table = mutate(table)
     uri = str(tmp_path / "bad.parquet")
     pq.write_table(table, uri)
@@ -140,7 +142,7 @@ def _list_col(rows, typ):
 def test_load_detects_invariant_violations(tmp_path, mutate, expect):
     uri = _corrupt(tmp_path, mutate)
     with pytest.raises(RunStateError) as e:
-        SlotMemory.load(uri, tiny_fmap())
+        load_memory(uri, tiny_fmap())
     msg = str(e.value)
     assert expect in msg
     assert uri in msg and "corrupt or from another run" in msg
@@ -149,14 +151,14 @@ def test_load_detects_invariant_violations(tmp_path, mutate, expect):
 def test_load_rejects_other_feature_map_and_garbage(tmp_path):
     mem = tiny_memory()
     uri = str(tmp_path / "m.parquet")
-    mem.save(uri)
+    save_memory(mem, uri)
     other = tiny_fmap()
     other.categorical[1].name = "movie"
     with pytest.raises(RunStateError, match="feature names invariant"):
-        SlotMemory.load(uri, other)
+        load_memory(uri, other)
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(RunStateError, match="not a readable Parquet file"):
-        SlotMemory.load(str(tmp_path / "junk.parquet"), tiny_fmap())
+        load_memory(str(tmp_path / "junk.parquet"), tiny_fmap())
 
 
 @pytest.mark.parametrize("model", ["dnn", "fm", "deepfm"])

@@ -53,7 +53,7 @@ def test_committed_notebooks_have_no_outputs():
 def test_quickstart_then_results_notebooks(tmp_path):
     pytest.importorskip("ipykernel")
     from diet_ray.bench.fidelity_summary import fidelity_metrics, summarize
-    from diet_ray.memory.commit import last_committed_stage
+    from diet_ray.memory.store import last_committed_stage
 
     run_dir = tmp_path / "run"
     qs = _execute("quickstart.ipynb", f"RUN_DIR = {str(run_dir)!r}", tmp_path)

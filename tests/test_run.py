@@ -14,8 +14,8 @@ from diet_ray.data import fs
 from diet_ray.distill.pipeline import run
 from diet_ray.layout import RESULTS_FILE
 from diet_ray.errors import RunStateError
-from diet_ray.memory.commit import last_committed_stage
-from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, load_stage_memory
+from diet_ray.memory.slots import UNIT_WEIGHT_PARAM
+from diet_ray.memory.store import last_committed_stage, load_stage_memory
 
 SMALL = [
     "ray.num_workers=2",

@@ -74,7 +74,7 @@ class TreeSampler(PeriodicSampler):
         self._current = 0
 
     def _stage_in_progress(self) -> int:
-        from diet_ray.memory.commit import committed_stages
+        from diet_ray.memory.store import committed_stages
 
         try:
             done = committed_stages(self.run_dir)

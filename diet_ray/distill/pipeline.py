@@ -45,8 +45,8 @@ from diet_ray.distill.expert import ExpertStage, StreamExpert
 from diet_ray.errors import RunStateError
 from diet_ray.faults import fault_spec
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
-from diet_ray.memory.commit import commit_stage, last_committed_stage, validate_shards
-from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory, load_stage_memory
+from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory
+from diet_ray.memory.store import commit_stage, last_committed_stage, load_stage_memory, validate_shards
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def _restore_results_lines(run_dir: str, last: int) -> None:
     """A driver killed between a stage's commit and its results line leaves the stage committed
     but unreported (and a rerun does not recompute it): rebuild the line from the committed
     metrics.json, which holds the same record."""
-    from diet_ray.memory.commit import METRICS_FILE
+    from diet_ray.memory.store import METRICS_FILE
 
     uri = layout.results_path(run_dir)
     have = {r.get("stage") for r in fs.read_jsonl(uri) if r.get("kind") == "stage"}

@@ -36,7 +36,7 @@ from diet_ray.distill.expert import ExpertCheckpoint
 from diet_ray.distill.worker import shard_file, train_loop_per_worker
 from diet_ray.faults import fault_spec
 from diet_ray.errors import RunStateError
-from diet_ray.memory.commit import shard_assignment
+from diet_ray.memory.store import shard_assignment
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.ray_runtime import cpu_share, torch_threads
 

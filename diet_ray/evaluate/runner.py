@@ -82,7 +82,7 @@ def load_memory_batch(run_dir: str, stage: int, temperature: float) -> Batch:
             f"{run_dir}: no committed memory for stage {stage} ({marker} is missing); "
             "run `diet-ray run` with this config first, or drop 'memory' from evaluate.variants"
         )
-    from diet_ray.memory.slots import load_stage_memory
+    from diet_ray.memory.store import load_stage_memory
 
     return load_stage_memory(run_dir, stage).to_batch(temperature)
 

@@ -11,7 +11,7 @@ Rules (our choices where the paper is silent):
   |influence|. DESIGN ranks by |matching gradient|; we use the slot's TracIn score against the
   new reference as the proxy (same checkpoints, same reference gradient, already computed
   for the replace rule), so addressing costs no extra backward pass.
-- ``addressing=False`` (the default since 2026-12-06; docs/method.md, "Addressing"): no
+- ``addressing=False`` (the default; docs/method.md, "Addressing"): no
   replacement, every slot refined; growth still follows the capacity rule.
 - Label mix: the new slots' positive count (of real rows) is chosen so the memory's positive
   fraction lands as close as possible to the stage's positive rate; a kept slot counts as 0/1
@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -107,9 +107,7 @@ def plan_stage(
     ``available_pos`` / ``available_neg``: rows of each label the stage can supply (the new
     slots cannot outnumber them)."""
     s = len(memory) if memory is not None else 0
-    cap = capacity(rows_seen, cfg)
-    if not cfg.growth and s > 0:
-        cap = int(fixed_capacity) if fixed_capacity is not None else s
+    cap = _stage_capacity(s, rows_seen, cfg, fixed_capacity)
     grow = max(cap - s, 0)
     if cap < s:
         log.warning("addressing: memory has %d slots, above capacity %d; not growing", s, cap)
@@ -120,25 +118,82 @@ def plan_stage(
 
     replace_idx = np.zeros(0, np.int64)
     if cfg.addressing and infl is not None and s > 0:
-        budget = int(math.floor(cfg.replace_frac * s + 1e-9))
-        order = _order(infl, rng)
-        stale = order[infl[order] < 0.0]
-        replace_idx = np.sort(stale[:budget]).astype(np.int64)
-
-    # The stage can only supply so many rows: keep capacity growth first, then replacements.
-    avail = None
+        replace_idx = _stale_slots(infl, cfg.replace_frac, rng)
     if available_pos is not None and available_neg is not None:
-        avail = int(available_pos) + int(available_neg)
-        grow = min(grow, avail)
-        if len(replace_idx) > avail - grow:
-            keep = _order(infl[replace_idx], rng)[: avail - grow]  # type: ignore[index]
-            replace_idx = np.sort(replace_idx[keep])
-    n_rep = len(replace_idx)
-    n_new = grow + n_rep
+        grow, replace_idx = _fit_to_supply(grow, replace_idx, infl, int(available_pos) + int(available_neg), rng)
 
-    # Label mix over the memory after the plan: kept slots' labels + the new slots'.
     kept_mask = np.ones(s, dtype=bool)
     kept_mask[replace_idx] = False
+    mix = _new_labels(memory, kept_mask, grow, grow + len(replace_idx), stage_pos_rate, cfg, available_pos, available_neg)
+
+    if not cfg.addressing or s == 0:
+        refine_idx = np.arange(s + grow, dtype=np.int64)
+    else:
+        refine_idx = _refine_set(kept_mask, replace_idx, grow, infl, cfg.refine_frac, rng)
+
+    return AddressPlan(
+        grow=int(grow),
+        replace_idx=replace_idx.astype(np.int64),
+        refine_idx=refine_idx,
+        n_pos_new=int(mix.n_pos),
+        n_neg_new=int(mix.n_neg),
+        capacity=int(cap),
+        target_pos_rate=float(stage_pos_rate),
+        achieved_pos_rate=float(mix.achieved),
+        within_tolerance=bool(mix.ok),
+    )
+
+
+def _stage_capacity(s: int, rows_seen: int, cfg, fixed_capacity: Optional[int]) -> int:
+    """C_t; with ``growth=False`` and a memory already there, C_1 (default: its size)."""
+    if not cfg.growth and s > 0:
+        return int(fixed_capacity) if fixed_capacity is not None else s
+    return capacity(rows_seen, cfg)
+
+
+def _stale_slots(infl: np.ndarray, replace_frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions to replace: negative influence only, most negative first, at most
+    floor(replace_frac * |M|); sorted."""
+    budget = int(math.floor(replace_frac * len(infl) + 1e-9))
+    order = _order(infl, rng)
+    stale = order[infl[order] < 0.0]
+    return np.sort(stale[:budget]).astype(np.int64)
+
+
+def _fit_to_supply(
+    grow: int, replace_idx: np.ndarray, infl: Optional[np.ndarray], avail: int, rng: np.random.Generator,
+) -> Tuple[int, np.ndarray]:
+    """The stage can only supply ``avail`` rows: keep capacity growth first, then the most
+    negative replacements."""
+    grow = min(grow, avail)
+    if len(replace_idx) > avail - grow:
+        keep = _order(infl[replace_idx], rng)[: avail - grow]  # type: ignore[index]
+        replace_idx = np.sort(replace_idx[keep])
+    return grow, replace_idx
+
+
+@dataclass
+class _LabelMix:
+    n_pos: int  # positives among the new slots
+    n_neg: int
+    achieved: float  # the memory's expected positive rate after the plan
+    ok: bool  # within label_tolerance of the stage rate
+
+
+def _new_labels(
+    memory: Optional[SlotMemory],
+    kept_mask: np.ndarray,
+    grow: int,
+    n_new: int,
+    stage_pos_rate: float,
+    cfg,
+    available_pos: Optional[int],
+    available_neg: Optional[int],
+) -> _LabelMix:
+    """The new slots' positive count that brings the memory after the plan (kept slots'
+    expected positives + the new slots') closest to the stage rate, within the rows of each
+    label the stage can supply."""
+    s = len(kept_mask)
     kept_pos = int(round(float(expected_positives(memory, cfg.init_logit)[kept_mask].sum()))) if s else 0
     total = s + grow
     n_pos = int(round(stage_pos_rate * total - kept_pos))
@@ -147,7 +202,6 @@ def plan_stage(
         n_pos = min(n_pos, int(available_pos))
     if available_neg is not None and n_new - n_pos > int(available_neg):
         n_pos = n_new - int(available_neg)
-    n_neg = n_new - n_pos
     achieved = (kept_pos + n_pos) / total if total else 0.0
     ok = abs(achieved - stage_pos_rate) <= cfg.label_tolerance + 1e-12
     if not ok and total:
@@ -155,30 +209,28 @@ def plan_stage(
             "addressing: label mix %.4f cannot reach the stage rate %.4f +- %.4f with %d new slots",
             achieved, stage_pos_rate, cfg.label_tolerance, n_new,
         )
+    return _LabelMix(n_pos=n_pos, n_neg=n_new - n_pos, achieved=achieved, ok=ok)
 
-    new_size = s + grow
-    if not cfg.addressing or s == 0:
-        refine_idx = np.arange(new_size, dtype=np.int64)
+
+def _refine_set(
+    kept_mask: np.ndarray,
+    replace_idx: np.ndarray,
+    grow: int,
+    infl: Optional[np.ndarray],
+    refine_frac: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Positions in the new memory to refine: the new and replaced slots plus the top
+    ceil(refine_frac * |kept|) kept slots by |influence| (without scores, a seeded random
+    subset of that size)."""
+    s = len(kept_mask)
+    kept = np.flatnonzero(kept_mask)
+    n_top = int(math.ceil(refine_frac * len(kept) - 1e-9))
+    if infl is not None:
+        top = kept[_order(-np.abs(infl[kept]), rng)[:n_top]]
     else:
-        kept = np.flatnonzero(kept_mask)
-        n_top = int(math.ceil(cfg.refine_frac * len(kept) - 1e-9))
-        if infl is not None:
-            top = kept[_order(-np.abs(infl[kept]), rng)[:n_top]]
-        else:  # no scores: a seeded random subset of the same size
-            top = rng.permutation(kept)[:n_top]
-        refine_idx = np.unique(np.concatenate([replace_idx, np.arange(s, new_size), top]).astype(np.int64))
-
-    return AddressPlan(
-        grow=int(grow),
-        replace_idx=replace_idx.astype(np.int64),
-        refine_idx=refine_idx,
-        n_pos_new=int(n_pos),
-        n_neg_new=int(n_neg),
-        capacity=int(cap),
-        target_pos_rate=float(stage_pos_rate),
-        achieved_pos_rate=float(achieved),
-        within_tolerance=bool(ok),
-    )
+        top = rng.permutation(kept)[:n_top]
+    return np.unique(np.concatenate([replace_idx, np.arange(s, s + grow), top]).astype(np.int64))
 
 
 def apply_plan(memory: Optional[SlotMemory], plan: AddressPlan, new_slots: SlotMemory) -> SlotMemory:

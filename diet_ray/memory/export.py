@@ -24,7 +24,9 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import CategoricalField, FeatureMap
 from diet_ray.layout import FEATURE_MAP_FILE, prepared_dir
 from diet_ray.errors import DataError
-from diet_ray.memory.slots import SlotMemory, load_stage_memory
+from diet_ray.memory.parquet import to_arrow
+from diet_ray.memory.slots import SlotMemory
+from diet_ray.memory.store import load_stage_memory
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def _probs(memory: SlotMemory, temperature: float) -> np.ndarray:
 
 
 def soft_table(memory: SlotMemory, fmap: FeatureMap, temperature: float) -> pa.Table:
-    table = memory.to_arrow(fmap)
+    table = to_arrow(memory, fmap)
     probs = _probs(memory, temperature)
     s, k = probs.shape[0], memory.support_k
     offsets = pa.array(np.arange(s + 1, dtype=np.int32) * k)

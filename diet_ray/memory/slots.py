@@ -1,53 +1,36 @@
-"""The slot memory: soft rows in data space (DESIGN §2), their tensors and their Parquet form.
+"""The slot memory: soft rows in data space (DESIGN §2) as tensors, and their invariants.
 
 A slot holds, per categorical field, ``K`` support ids and logits (soft value =
 softmax(logits / temperature)), numeric values, a label logit (label = sigmoid), a weight
 parameter (weight = softplus) and metadata. The container has no capacity: addressing decides
-the size.
-
-Parquet schema (one row per slot): ``slot_id, born_stage, updated_stage, last_influence,
-source_row, label_logit, weight_param``, then per categorical field ``<field>__ids``
-(list<int64>, length K) and ``<field>__logits`` (list<float32>), then per numeric field
-``<field>`` (float32). The feature names and K are also stored in the schema metadata.
+the size. Its Parquet form is in ``memory.parquet``.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows
-from diet_ray.layout import SUCCESS, committed_stage_dir, feature_map_path
 from diet_ray.errors import RunStateError
 from diet_ray.schema import Batch
 
-SCHEMA_KEY = b"diet_ray.memory"
-SCHEMA_VERSION = 1
+# The per-slot metadata arrays (numpy, one entry per slot).
 META_FIELDS = ("slot_id", "born_stage", "updated_stage", "last_influence", "source_row")
-MEMORY_FILE = "memory.parquet"
 
 # softplus^-1(1.0): a slot initialised from one real row stands for one row.
 UNIT_WEIGHT_PARAM = math.log(math.expm1(1.0))
 
 
-def ids_column(field: str) -> str:
-    return f"{field}__ids"
-
-
-def logits_column(field: str) -> str:
-    return f"{field}__logits"
+def invariant_error(origin: str, what: str, slot: Optional[int] = None) -> RunStateError:
+    """The error for a violated memory invariant, naming where the slots came from."""
+    at = f" at slot {slot}" if slot is not None else ""
+    return RunStateError(f"{origin}: {what} violated{at}; the file is corrupt or from another run")
 
 
 @dataclass
@@ -62,8 +45,8 @@ class SlotMemory:
     updated_stage: np.ndarray  # [S] int32
     last_influence: np.ndarray  # [S] float64
     source_row: np.ndarray  # [S] int64, -1 = none
-    # Feature names (from the feature map) so ``save(uri)`` can name columns; kept through
-    # take/concat/replace. Optional: ``save(uri, fmap)`` supplies them otherwise.
+    # Feature names (from the feature map) so the Parquet writer can name columns without the
+    # feature map; kept through take/concat/replace.
     cat_names: Optional[Tuple[str, ...]] = None
     num_names: Optional[Tuple[str, ...]] = None
 
@@ -261,8 +244,7 @@ class SlotMemory:
         s, nf, nn_ = len(self), len(fmap.categorical), len(fmap.numeric)
 
         def bad(what: str, slot: Optional[int] = None) -> RunStateError:
-            at = f" at slot {slot}" if slot is not None else ""
-            return RunStateError(f"{origin}: {what} violated{at}; the file is corrupt or from another run")
+            return invariant_error(origin, what, slot)
 
         if self.cat_names is not None and (list(self.cat_names) != fmap.cat_names or list(self.num_names or ()) != fmap.num_names):
             raise bad(f"feature names invariant (slots have {list(self.cat_names)} {list(self.num_names or ())}, "
@@ -300,150 +282,6 @@ class SlotMemory:
             if rows_bad.any():
                 raise bad(name, int(self.slot_id[np.argmax(rows_bad)]))
 
-    # -- Parquet ----------------------------------------------------------------------------
-
-    def to_arrow(self, fmap: Optional[FeatureMap] = None) -> pa.Table:
-        """One row per slot (see the module docstring). Feature names: ``fmap``'s, else the slots' own."""
-        cat_names, num_names = _names(self, fmap)
-        s, k = len(self), self.support_k
-        cols: Dict[str, pa.Array] = {
-            "slot_id": pa.array(self.slot_id.astype(np.int64)),
-            "born_stage": pa.array(self.born_stage.astype(np.int32)),
-            "updated_stage": pa.array(self.updated_stage.astype(np.int32)),
-            "last_influence": pa.array(self.last_influence.astype(np.float64)),
-            "source_row": pa.array(self.source_row.astype(np.int64)),
-            "label_logit": pa.array(self.label_logit.detach().cpu().numpy().astype(np.float32)),
-            "weight_param": pa.array(self.weight_param.detach().cpu().numpy().astype(np.float32)),
-        }
-        offsets = pa.array(np.arange(s + 1, dtype=np.int32) * k)
-        ids = self.ids.detach().cpu().numpy().astype(np.int64)
-        logits = self.logits.detach().cpu().numpy().astype(np.float32)
-        for f, name in enumerate(cat_names):
-            cols[ids_column(name)] = pa.ListArray.from_arrays(offsets, pa.array(ids[:, f, :].reshape(-1)))
-            cols[logits_column(name)] = pa.ListArray.from_arrays(offsets, pa.array(logits[:, f, :].reshape(-1)))
-        numeric = self.numeric.detach().cpu().numpy().astype(np.float32)
-        for j, name in enumerate(num_names):
-            cols[name] = pa.array(numeric[:, j])
-        meta = {"version": SCHEMA_VERSION, "categorical": list(cat_names), "numeric": list(num_names), "support_k": k}
-        table = pa.table(cols)
-        return table.replace_schema_metadata({SCHEMA_KEY: json.dumps(meta).encode()})
-
-    @classmethod
-    def from_arrow(cls, table: pa.Table, fmap: FeatureMap, origin: str = "memory table") -> "SlotMemory":
-        """Parse and validate: exactly the fmap's feature columns, list lengths == K, no nulls,
-        ids in range, finite floats, unique slot ids (RunStateError naming ``origin``)."""
-
-        def bad(what: str, slot: Optional[int] = None) -> RunStateError:
-            at = f" at slot {slot}" if slot is not None else ""
-            return RunStateError(f"{origin}: {what} violated{at}; the file is corrupt or from another run")
-
-        meta_raw = (table.schema.metadata or {}).get(SCHEMA_KEY)
-        meta = json.loads(meta_raw.decode()) if meta_raw else {}
-        if meta and (meta.get("categorical") != fmap.cat_names or meta.get("numeric") != fmap.num_names):
-            raise bad(
-                f"feature names invariant (file has categorical {meta.get('categorical')} numeric {meta.get('numeric')}, "
-                f"the feature map has {fmap.cat_names} and {fmap.num_names})"
-            )
-        expected = list(META_FIELDS) + ["label_logit", "weight_param"]
-        for name in fmap.cat_names:
-            expected += [ids_column(name), logits_column(name)]
-        expected += fmap.num_names
-        present = set(table.column_names)
-        missing = [c for c in expected if c not in present]
-        if missing:
-            raise bad(f"schema invariant (missing column '{missing[0]}')")
-        extra = [c for c in table.column_names if c not in set(expected)]
-        if extra:
-            raise bad(f"schema invariant (unexpected column '{extra[0]}': not a field of the feature map)")
-        table = table.combine_chunks()
-        slot_ids = table.column("slot_id").to_numpy(zero_copy_only=False)
-        for c in expected:
-            col = table.column(c)
-            if col.null_count:
-                row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
-                raise bad(f"no nulls (column '{c}')", _slot_at(slot_ids, row))
-        s = table.num_rows
-        k = int(meta["support_k"]) if "support_k" in meta else None
-        cat_ids, cat_logits = [], []
-        for name in fmap.cat_names:
-            arrays = []
-            for c in (ids_column(name), logits_column(name)):
-                col = table.column(c).chunk(0) if table.column(c).num_chunks else pa.array([], pa.list_(pa.int64()))
-                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-                if k is None:
-                    k = int(lengths[0]) if s else 0
-                wrong = lengths != k
-                if wrong.any():
-                    row = int(np.argmax(wrong))
-                    raise bad(f"list length invariant (column '{c}' has {int(lengths[row])} entries, K = {k})", _slot_at(slot_ids, row))
-                arrays.append(col.flatten().to_numpy(zero_copy_only=False).reshape(s, k))
-            cat_ids.append(arrays[0].astype(np.int64))
-            cat_logits.append(arrays[1].astype(np.float32))
-        k = k or 1
-        nf = len(fmap.cat_names)
-        ids = np.stack(cat_ids, axis=1) if nf else np.zeros((s, 0, k), np.int64)
-        logits = np.stack(cat_logits, axis=1) if nf else np.zeros((s, 0, k), np.float32)
-
-        def np_col(c: str, dtype) -> np.ndarray:
-            return table.column(c).to_numpy(zero_copy_only=False).astype(dtype, copy=True)
-
-        numeric = (
-            np.stack([np_col(c, np.float32) for c in fmap.num_names], axis=1)
-            if fmap.num_names else np.zeros((s, 0), np.float32)
-        )
-        mem = cls(
-            ids=torch.from_numpy(np.ascontiguousarray(ids)),
-            logits=torch.from_numpy(np.ascontiguousarray(logits)),
-            numeric=torch.from_numpy(np.ascontiguousarray(numeric)),
-            label_logit=torch.from_numpy(np_col("label_logit", np.float32)),
-            weight_param=torch.from_numpy(np_col("weight_param", np.float32)),
-            slot_id=np_col("slot_id", np.int64),
-            born_stage=np_col("born_stage", np.int32),
-            updated_stage=np_col("updated_stage", np.int32),
-            last_influence=np_col("last_influence", np.float64),
-            source_row=np_col("source_row", np.int64),
-            cat_names=tuple(fmap.cat_names),
-            num_names=tuple(fmap.num_names),
-        )
-        mem.check(fmap, origin)
-        return mem
-
-    def to_parquet_bytes(self, fmap: Optional[FeatureMap] = None) -> bytes:
-        buf = io.BytesIO()
-        pq.write_table(self.to_arrow(fmap), buf, compression="zstd")
-        return buf.getvalue()
-
-    def save(self, uri: str, fmap: Optional[FeatureMap] = None) -> str:
-        """Write atomically; returns the sha256 hex of the bytes written."""
-        blob = self.to_parquet_bytes(fmap)
-        fs.write_bytes_atomic(uri, blob)
-        return hashlib.sha256(blob).hexdigest()
-
-    @classmethod
-    def load(cls, uri: str, fmap: FeatureMap) -> "SlotMemory":
-        if not fs.exists(uri):
-            raise RunStateError(f"{uri}: no memory file. Run `diet-ray run` for this stage first.")
-        try:
-            table = pq.read_table(io.BytesIO(fs.read_bytes(uri)))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise RunStateError(
-                f"{uri}: not a readable Parquet file ({str(e).splitlines()[0]}); the file is corrupt or truncated"
-            )
-        return cls.from_arrow(table, fmap, origin=uri)
-
-
-def _names(mem: SlotMemory, fmap: Optional[FeatureMap]) -> Tuple[List[str], List[str]]:
-    if fmap is not None:
-        return list(fmap.cat_names), list(fmap.num_names)
-    if mem.cat_names is None or mem.num_names is None:
-        raise ValueError("the slots carry no feature names: pass the feature map (save(uri, fmap) / to_arrow(fmap))")
-    return list(mem.cat_names), list(mem.num_names)
-
-
-def _slot_at(slot_ids: np.ndarray, row: int):
-    v = slot_ids[row] if row < len(slot_ids) else None
-    return None if v is None or (isinstance(v, float) and not np.isfinite(v)) else int(v)
-
 
 def _draw_excluding(real: np.ndarray, freq: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
     """[N, draws] ids sampled from ``freq`` (counts per id) with each row's real id excluded.
@@ -467,17 +305,3 @@ def _draw_excluding(real: np.ndarray, freq: np.ndarray, draws: int, rng: np.rand
     out = np.searchsorted(cum, u, side="right")
     out = np.minimum(out, len(freq) - 1).astype(np.int64)
     return np.where((rest > 0)[:, None], out, real[:, None])
-
-
-def load_stage_memory(run_dir: str, stage: int) -> SlotMemory:
-    """The committed memory of ``stage`` (checksums verified); RunStateError if not committed."""
-    from diet_ray.memory.commit import verify_stage
-
-    d = committed_stage_dir(run_dir, stage)
-    if not fs.exists(fs.join(d, SUCCESS)):
-        raise RunStateError(
-            f"{d}: stage {stage} has no committed memory (_SUCCESS missing). Run `diet-ray run` first."
-        )
-    verify_stage(run_dir, stage)
-    fmap = FeatureMap.load(feature_map_path(run_dir))
-    return SlotMemory.load(fs.join(d, MEMORY_FILE), fmap)

@@ -1,4 +1,5 @@
-"""Reconcile worker shards into one memory and commit a stage atomically (DESIGN §6, §7).
+"""Committed stages: reconcile worker shards into one memory, commit a stage atomically,
+verify it and load it back (DESIGN §6, §7).
 
 Layout of a committed stage: ``stages/stage=NNNN/{memory.parquet, metrics.json,
 manifest.json, _SUCCESS}``. The manifest holds the sha256 of each data file, the config hash,
@@ -22,10 +23,13 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.layout import SUCCESS, committed_stage_dir, feature_map_path, stage_name, stages_root
 from diet_ray.errors import RunStateError
-from diet_ray.memory.slots import MEMORY_FILE, SlotMemory
+from diet_ray.memory.addressing import expected_positives
+from diet_ray.memory.parquet import load_memory, to_parquet_bytes
+from diet_ray.memory.slots import SlotMemory
 
 log = logging.getLogger(__name__)
 
+MEMORY_FILE = "memory.parquet"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
 _STAGE_RE = re.compile(r"^stage=(\d+)$")
@@ -44,8 +48,6 @@ def label_mix(memory: SlotMemory, target_pos_rate: float, tolerance: float,
     elif init_logit is None:
         rate = float(memory.positive_mask().mean())
     else:
-        from diet_ray.memory.addressing import expected_positives
-
         rate = float(expected_positives(memory, init_logit).mean())
     return {
         "pos_rate_memory": rate,
@@ -143,7 +145,7 @@ def commit_stage(
     fs.remove(tmp)
     fs.makedirs(tmp)
 
-    blobs = {MEMORY_FILE: memory.to_parquet_bytes(fmap), METRICS_FILE: _json_bytes(metrics)}
+    blobs = {MEMORY_FILE: to_parquet_bytes(memory, fmap), METRICS_FILE: _json_bytes(metrics)}
     manifest = {
         "stage": int(stage),
         "slots": len(memory),
@@ -231,3 +233,17 @@ def last_committed_stage(run_dir: str, config_hash: Optional[str] = None) -> int
     for t in range(last + 1):
         verify_stage(run_dir, t, config_hash)
     return last
+
+
+# ------------------------------------------------------------------------------------ load
+
+
+def load_stage_memory(run_dir: str, stage: int) -> SlotMemory:
+    """The committed memory of ``stage`` (checksums verified); RunStateError if not committed."""
+    d = committed_stage_dir(run_dir, stage)
+    if not fs.exists(fs.join(d, SUCCESS)):
+        raise RunStateError(
+            f"{d}: stage {stage} has no committed memory (_SUCCESS missing). Run `diet-ray run` first."
+        )
+    verify_stage(run_dir, stage)
+    return load_memory(fs.join(d, MEMORY_FILE), _load_fmap(run_dir))
