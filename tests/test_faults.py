@@ -35,7 +35,7 @@ from diet_ray.errors import RunStateError
 from diet_ray.faults import FAULT_ENV
 from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
-from diet_ray.influence.topk import FILTER_MIN_SHARE
+from diet_ray.memory.selection import FILTER_MIN_SHARE
 from diet_ray.memory.commit import committed_stages, verify_stage
 from diet_ray.memory.slots import load_stage_memory
 from test_expert import CFG, stage_rows, tiny_fmap
