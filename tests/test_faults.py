@@ -35,7 +35,7 @@ from diet_ray.errors import RunStateError
 from diet_ray.faults import FAULT_ENV
 from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
-from diet_ray.influence.topk import FILTER_MIN_SHARE
+from diet_ray.memory.selection import FILTER_MIN_SHARE
 from diet_ray.memory.store import committed_stages, load_stage_memory, verify_stage
 from test_expert import CFG, stage_rows, tiny_fmap
 

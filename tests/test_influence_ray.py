@@ -10,7 +10,7 @@ from diet_ray.config import InfluenceConfig
 from diet_ray.distill.expert import StreamExpert
 from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
-from diet_ray.influence.topk import topk_numpy
+from diet_ray.memory.selection import topk_numpy
 from test_expert import CFG, stage_rows, tiny_fmap
 
 

@@ -6,7 +6,7 @@ import torch
 
 from diet_ray.config import ExpertConfig, MemoryConfig
 from diet_ray.distill.expert import StreamExpert
-from diet_ray.influence.topk import filter_key, filter_pick, uniform_hash
+from diet_ray.memory.selection import filter_key, filter_pick, uniform_hash
 from diet_ray.memory.addressing import expected_positives, plan_stage
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
