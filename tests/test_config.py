@@ -149,7 +149,7 @@ def test_cli_overrides_anywhere_on_the_line(capsys):
 
 
 def test_an_override_value_that_is_not_yaml_is_one_config_error():
-    with pytest.raises(C.ConfigError, match=r"bench.diet_variants=.*not valid YAML.*space after each colon"):
+    with pytest.raises(ConfigError, match=r"bench.diet_variants=.*not valid YAML.*space after each colon"):
         C.load_config(None, ["bench.diet_variants={w0:{memory.init:random}}"])
     cfg = C.load_config(None, ["bench.diet_variants={w0: {memory.init: random}}"])
     assert cfg.bench.diet_variants == {"w0": {"memory.init": "random"}}

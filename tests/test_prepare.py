@@ -330,7 +330,7 @@ def test_bench_prepare_small(tmp_path, capsys):
 
 
 def test_relative_join_sources_resolve_next_to_the_log(tmp_path):
-    from diet_ray.data.prepare import resolve_join_source
+    from diet_ray.data.joins import resolve_join_source
 
     assert resolve_join_source("s3://b/ml/ratings.csv", "movies.csv") == "s3://b/ml/movies.csv"
     assert resolve_join_source("s3://b/ml/", "movies.csv") == "s3://b/ml/movies.csv"

@@ -25,6 +25,7 @@ from diet_ray.config import InfluenceConfig
 from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import ConfigError
 from diet_ray.faults import fault_spec
+from diet_ray.influence.estimators import get_estimator
 from diet_ray.influence.scorer import (CheckpointLike, InfluenceScorer, PreparedCheckpoints, checkpoint_reference_gradient,
                                        checkpoint_states, require_reference)
 from diet_ray.models import Batch, InputSpec, build_model
@@ -185,7 +186,8 @@ class ScoringPool:
         import ray
 
         self.start()
-        if self.cfg.estimator == "random":
+        estimator = get_estimator(self.cfg.estimator)
+        if not estimator.needs_checkpoints:
             states = PreparedCheckpoints([], [], None)
         else:
             if self._model is None:
@@ -193,7 +195,7 @@ class ScoringPool:
             states = checkpoint_states(self._model, checkpoints, self.cfg.checkpoints)
         states_ref = ray.put(states)  # once per stage, shared by every actor
         gref_refs: List[Any] = []
-        if self.cfg.estimator == "tracin":
+        if estimator.needs_reference:
             ref_ref = ray.put(require_reference(ref))
             # G_ref per checkpoint on the actors, spread over them, ahead of their blocks in each queue.
             gref_refs = [self.actors[c % self.n].reference_gradient.remote([states_ref], [ref_ref], c)

@@ -94,16 +94,18 @@ def checkpoint_reference_gradient(model: CTRModel, params: Dict[str, np.ndarray]
 
 
 def prepare_checkpoints(model: CTRModel, checkpoints: Sequence[CheckpointLike], ref: Optional[Batch], cfg: InfluenceConfig) -> PreparedCheckpoints:
-    """Parameters per checkpoint, and G_ref per checkpoint for ``tracin`` (computed once per stage)."""
+    """Parameters per checkpoint, and G_ref per checkpoint where the estimator needs it (computed
+    once per stage)."""
     states = checkpoint_states(model, checkpoints, cfg.checkpoints)
-    if cfg.estimator != "tracin":
+    if not E.get_estimator(cfg.estimator).needs_reference:
         return states
     grefs = [checkpoint_reference_gradient(model, ps, ref, cfg) for ps in states.params]
     return PreparedCheckpoints(states.lrs, states.params, grefs)
 
 
 class InfluenceScorer:
-    """``score(batch) -> [B] float64``; higher = more helpful for the reference set (TracIn sign).
+    """``score(batch) -> [B] float64`` by the configured estimator; higher = more helpful for the
+    reference set (TracIn sign).
 
     ``method``: "auto" (tracin via forward-mode jvp unless projecting; others via vmap(grad)),
     "jvp" or "vmap" to force a kernel (both exact; used to cross-check each other).
@@ -120,7 +122,8 @@ class InfluenceScorer:
         method: str = "auto",
     ):
         model = model.to(device)
-        prepared = prepare_checkpoints(model, checkpoints, ref, cfg) if cfg.estimator != "random" else PreparedCheckpoints([], [], None)
+        needs = E.get_estimator(cfg.estimator).needs_checkpoints
+        prepared = prepare_checkpoints(model, checkpoints, ref, cfg) if needs else PreparedCheckpoints([], [], None)
         self._setup(model, prepared, cfg, seed, device, method)
 
     @classmethod
@@ -130,51 +133,43 @@ class InfluenceScorer:
         return self
 
     def _setup(self, model: CTRModel, prepared: PreparedCheckpoints, cfg: InfluenceConfig, seed: int, device: str, method: str) -> None:
-        if cfg.estimator not in E.ESTIMATORS:
-            raise ValueError(f"unknown estimator {cfg.estimator!r}; choose one of {E.ESTIMATORS}")
+        self.estimator = E.get_estimator(cfg.estimator)
         if method not in ("auto", "jvp", "vmap"):
             raise ValueError(f"unknown method {method!r}")
-        self.model, self.cfg, self.seed, self.device = model, cfg, seed, torch.device(device)
-        p0 = next(model.parameters())
-        self.dtype = p0.dtype
-        self.buffers = G.model_buffers(model)
+        dev = torch.device(device)
+        dtype = next(model.parameters()).dtype
         shapes = {n: p.shape for n, p in model.named_parameters()}
-        self.proj = DenseProjection(shapes, cfg.projection_dim, cfg.projection_min_params, derive_seed(seed, "influence"), self.dtype, self.device)
-        if not self.proj:
-            self.proj = None
-        self.method = method if method != "auto" else ("vmap" if self.proj else "jvp")
+        proj: Optional[DenseProjection] = DenseProjection(shapes, cfg.projection_dim, cfg.projection_min_params,
+                                                          derive_seed(seed, "influence"), dtype, dev)
+        if not proj:
+            proj = None
         # np.array copies: arrays mapped from Ray's object store are read-only (once per actor, small).
-        to = lambda d: {n: torch.as_tensor(np.array(a)).to(device=self.device, dtype=self.dtype) for n, a in d.items()}  # noqa: E731
-        self.terms: List[E.CheckpointTerm] = []
+        to = lambda d: {n: torch.as_tensor(np.array(a)).to(device=dev, dtype=dtype) for n, a in d.items()}  # noqa: E731
+        terms: List[E.CheckpointTerm] = []
         for i, (lr, ps) in enumerate(zip(prepared.lrs, prepared.params)):
             gref = to(prepared.grefs[i]) if prepared.grefs is not None else None
             gproj = None
-            if gref is not None and self.proj:
-                gproj = {n: self.proj.project(n, gref[n], batched=False) for n in self.proj.mats}
-            self.terms.append(E.CheckpointTerm(lr, to(ps), gref, gproj))
-        if cfg.estimator != "random" and not self.terms:
+            if gref is not None and proj:
+                gproj = {n: proj.project(n, gref[n], batched=False) for n in proj.mats}
+            terms.append(E.CheckpointTerm(lr, to(ps), gref, gproj))
+        if self.estimator.needs_checkpoints and not terms:
             raise ValueError("no checkpoints to score with")
+        self.state = E.ScoringState(
+            model=model, buffers=G.model_buffers(model), terms=terms, proj=proj,
+            method=method if method != "auto" else ("vmap" if proj else "jvp"),
+            micro_batch=cfg.micro_batch, dtype=dtype, device=dev,
+            row_seed=derive_seed(seed, "influence", "random"),
+        )
+
+    @property
+    def proj(self) -> Optional[DenseProjection]:
+        return self.state.proj  # type: ignore[return-value]
+
+    @property
+    def method(self) -> str:
+        return self.state.method
 
     def score(self, batch: Batch, row_ids: Optional[np.ndarray] = None) -> np.ndarray:
         """[B] float64 scores. ``row_ids`` (optional) seeds the ``random`` estimator per row;
         weights are ignored; soft batches (probs, soft labels) are scored like hard ones."""
-        est = self.cfg.estimator
-        if est == "random":
-            return E.random_scores(batch, derive_seed(self.seed, "influence", "random"), row_ids)
-        out = np.empty(len(batch), dtype=np.float64)
-        mb = max(1, int(self.cfg.micro_batch))
-        for s in range(0, len(batch), mb):
-            idx = torch.arange(s, min(s + mb, len(batch)))
-            part = G.cast_batch(batch.select(idx), self.dtype, self.device)
-            out[s : s + len(idx)] = self._score_micro(part).detach().to("cpu", torch.float64).numpy()
-        return out
-
-    def _score_micro(self, b: Batch) -> torch.Tensor:
-        est = self.cfg.estimator
-        if est == "tracin":
-            if self.method == "jvp":
-                return E.tracin_jvp(self.model, self.buffers, self.terms, b)
-            return E.tracin_vmap(self.model, self.buffers, self.terms, b, self.proj)
-        if est == "grad_norm":
-            return E.grad_norm(self.model, self.buffers, self.terms, b, self.proj)
-        return E.mean_loss(self.model, self.buffers, self.terms, b)
+        return self.estimator.score(self.state, batch, row_ids)
