@@ -153,3 +153,13 @@ def test_an_override_value_that_is_not_yaml_is_one_config_error():
         C.load_config(None, ["bench.diet_variants={w0:{memory.init:random}}"])
     cfg = C.load_config(None, ["bench.diet_variants={w0: {memory.init: random}}"])
     assert cfg.bench.diet_variants == {"w0": {"memory.init": "random"}}
+
+
+def test_the_configs_strategy_names_are_the_registries():
+    """config names the strategies without importing them (config sits below torch code);
+    the registries must hold exactly those names."""
+    from diet_ray.influence.estimators import ESTIMATORS
+    from diet_ray.memory.selection import ROW_SELECTIONS
+
+    assert tuple(ESTIMATORS) == C.INFLUENCE_ESTIMATORS
+    assert sorted(ROW_SELECTIONS) == sorted(C.MEMORY_INITS)

@@ -131,7 +131,7 @@ class ExpertConfig:
 
 @dataclass
 class InfluenceConfig:
-    estimator: str = "tracin"  # a name in diet_ray.influence.estimators.ESTIMATORS: tracin | grad_norm | loss | random
+    estimator: str = "tracin"  # one of INFLUENCE_ESTIMATORS
     # auto: in the driver on a local single-node runtime, a pool of 2 actors on a cluster (as
     # ray.num_workers); 0: each stage is scored in the driver (no actor pool); N: N actors.
     num_actors: Any = "auto"
@@ -150,7 +150,8 @@ class InfluenceConfig:
 # --------------------------------------------------------------------------------- memory
 
 
-MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init
+MEMORY_INITS = ("influence", "influence_filter", "random")  # memory.init: memory.selection.ROW_SELECTIONS
+INFLUENCE_ESTIMATORS = ("tracin", "grad_norm", "loss", "random")  # influence.estimator: influence.estimators.ESTIMATORS
 LABEL_INITS = ("row", "expert")  # memory.label_init
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-from diet_ray.config.sections import (EXPERT_OPTIMIZERS, FIDELITY_VARIANTS, LABEL_INITS, MEMORY_INITS, OPTIMIZERS,
-                                      Config)
+from diet_ray.config.sections import (EXPERT_OPTIMIZERS, FIDELITY_VARIANTS, INFLUENCE_ESTIMATORS, LABEL_INITS,
+                                      MEMORY_INITS, OPTIMIZERS, Config)
 from diet_ray.errors import ConfigError
 
 
@@ -29,10 +29,7 @@ def validate(cfg: Config) -> None:
     in_range("data.max_reject_frac", cfg.data.max_reject_frac, 0.0, 1.0)
     for d in cfg.data.derive:
         one_of("data.derive[].op", d.op, ("split_first", "regex"))
-    # Imported here: the registry pulls in torch, which loading a config does not otherwise need.
-    from diet_ray.influence.estimators import ESTIMATORS
-
-    one_of("influence.estimator", cfg.influence.estimator, tuple(ESTIMATORS))
+    one_of("influence.estimator", cfg.influence.estimator, INFLUENCE_ESTIMATORS)
     if cfg.influence.checkpoints < 0:
         raise ConfigError(f"influence.checkpoints={cfg.influence.checkpoints} must be >= 0 (0 = every checkpoint of the stage)")
     one_of("distill.objective", cfg.distill.objective, ("trajectory", "gradient", "scratch"))
