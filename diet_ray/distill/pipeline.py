@@ -8,8 +8,6 @@ run (``stages_config``); each commit records the hash of the config as given.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -25,17 +23,12 @@ from diet_ray.data.stages import StageStore
 from diet_ray.distill import stage_steps as steps
 from diet_ray.distill.expert import StreamExpert
 from diet_ray.errors import RunStateError
-from diet_ray.faults import fault_spec
+from diet_ray.faults import kill_driver_after_commit
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.memory.store import commit_stage, last_committed_stage, load_stage_memory
 from diet_ray.parallelism import Parallelism
 
 log = logging.getLogger(__name__)
-
-# The driver's fault hook for the kill-resume tests (diet_ray.faults): SIGKILL right after a
-# stage is committed and before its results line is written.
-DRIVER_KILL_FAULT = "driver-kill:"
-
 
 def stages_config(cfg: Config, par: Parallelism) -> Config:
     """The config every stage runs with, resolved once a run: ``auto`` parallelism set to
@@ -57,18 +50,8 @@ def _timed(times: Dict[str, float], key: str) -> Iterator[None]:
 
 def _commit(run_dir: str, stage: int, memory: SlotMemory, metrics: Dict[str, Any], chash: str, fmap: FeatureMap) -> None:
     commit_stage(run_dir, stage, memory, metrics, chash, fmap=fmap)
-    _maybe_kill_driver(stage)
+    kill_driver_after_commit(stage)  # the kill-resume tests' hook (diet_ray.faults)
     fs.append_jsonl(layout.results_path(run_dir), [dict(kind="stage", **metrics)])
-
-
-def _maybe_kill_driver(stage: int) -> None:
-    for part in fault_spec().split(";"):
-        if part.startswith(DRIVER_KILL_FAULT):
-            _, at, flag = part.split(":", 2)
-            if int(at) == stage and not os.path.exists(flag):
-                with open(flag, "w") as f:
-                    f.write(f"driver {os.getpid()} killed after committing stage {stage}\n")
-                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_stage(run: steps.RunParts, t: int, memory: Optional[SlotMemory]) -> tuple[SlotMemory, Dict[str, Any]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -24,7 +23,7 @@ import torch
 from diet_ray.config import InfluenceConfig
 from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import ConfigError
-from diet_ray.faults import fault_spec
+from diet_ray.faults import fault_spec, kill_scorer
 from diet_ray.influence.estimators import get_estimator
 from diet_ray.influence.scorer import (CheckpointLike, InfluenceScorer, PreparedCheckpoints, checkpoint_reference_gradient,
                                        checkpoint_states, require_reference)
@@ -78,7 +77,7 @@ class ScorerActor:
         """Refs come wrapped in lists so Ray hands them over unresolved; fetched once per stage."""
         import ray
 
-        _maybe_die(self.fault, self.calls)
+        kill_scorer(self.fault, self.calls)  # the retry tests' hook (diet_ray.faults)
         self.calls += 1
         if key != self.key:
             states: PreparedCheckpoints = ray.get(states_ref[0])
@@ -90,22 +89,6 @@ class ScorerActor:
             warnings.filterwarnings("ignore", message=".*not writable.*")
             batch = Batch.hard(block["cat"], block["num"], block["label"])
         return self.scorer.score(batch, row_ids=block["row_id"])
-
-
-def _maybe_die(spec: str, call: int) -> None:
-    """Fault injection for the retry tests (``spec``: diet_ray.faults): the actor
-    process exits at its ``BATCH``-th call unless the flag file exists (so only once), or at
-    that call in every actor (more deaths than the capped restarts allow)."""
-    for part in spec.split(";"):
-        mode, _, rest = part.partition(":")
-        if mode == "influence":
-            at, flag = rest.split(":", 1)
-            if call == int(at) and not os.path.exists(flag):
-                with open(flag, "w") as f:
-                    f.write(f"scorer actor {os.getpid()} exited at batch {call}\n")
-                os._exit(1)
-        elif mode == "influence-always" and call == int(rest):
-            os._exit(1)
 
 
 def actor_resources(cfg: InfluenceConfig, use_gpu: bool, num_actors: int) -> Dict[str, float]:
