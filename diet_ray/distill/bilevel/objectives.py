@@ -55,6 +55,8 @@ class ObjectiveParts:
 
 
 class OuterObjective(ABC):
+    """One outer loss; a subclass per ``distill.objective`` value, registered in ``OBJECTIVES``."""
+
     needs_student_factory: ClassVar[bool] = False
 
     def __init__(self, parts: ObjectiveParts):
@@ -70,11 +72,10 @@ class OuterObjective(ABC):
         """A diagnostic of the no-data baseline (trajectory only), else None."""
         return None
 
-    def _real_rows(self, real: Batch) -> Optional[torch.Tensor]:
-        return self.student.rows_of(real.ids)
-
 
 class TrajectoryObjective(OuterObjective):
+    """Where the memory's unroll ends against the expert's next checkpoint, over the matched parameters."""
+
     def __init__(self, parts: ObjectiveParts):
         super().__init__(parts)
         self.match = self.student.support_weights()  # per-parameter 0/1 weights of the distance
@@ -141,19 +142,21 @@ class TrajectoryObjective(OuterObjective):
     def _real_loss(self, theta: Params, real: Optional[Batch], view: Optional[StepRows]) -> Optional[torch.Tensor]:
         if real is None or self.cfg.real_loss_weight == 0 or len(real) == 0:
             return None
-        rows = self._real_rows(real)
+        rows = self.student.rows_of(real.ids)
         logits = self.student.logits(theta, real, view.pos[rows] if view is not None and rows is not None else rows)
         return weighted_bce(logits, real.label, real.weight)
 
 
 class GradientObjective(OuterObjective):
+    """One-step gradient matching at θ_c (an ablation)."""
+
     def loss(self, c: int, tensors: List[torch.Tensor], key: Tuple, real: Optional[Batch], graph_steps: int) -> Loss:
         student, batches = self.student, self.batches
         theta = {n: t.detach().clone().requires_grad_(True) for n, t in student.traj[c].items()}
         g_mem = batches.grads(batches.loss(theta, batches.draw(tensors, (*key, 0))), theta, create_graph=True)
         if real is None or len(real) == 0:
             raise ValueError("the gradient-matching objective needs real rows of the stage")
-        logits = student.logits(theta, real, self._real_rows(real))
+        logits = student.logits(theta, real, student.rows_of(real.ids))
         real_loss = weighted_bce(logits, real.label, real.weight) / self.world
         g_real = [batches.reduce_sum(g.detach()) for g in torch.autograd.grad(
             real_loss, [theta[n] for n in student.names], allow_unused=True, materialize_grads=True)]
@@ -165,6 +168,8 @@ class GradientObjective(OuterObjective):
 
 
 class ScratchObjective(OuterObjective):
+    """The real-data loss of a student trained from scratch on the memory."""
+
     needs_student_factory = True
 
     def __init__(self, parts: ObjectiveParts):
@@ -177,7 +182,7 @@ class ScratchObjective(OuterObjective):
         if real is None or len(real) == 0:
             raise ValueError("the scratch objective needs real rows of the stage")
         theta = self.scratch_unroll(tensors, key, graph_steps)
-        loss = weighted_bce(self.student.logits(theta, real, self._real_rows(real)), real.label, real.weight)
+        loss = weighted_bce(self.student.logits(theta, real, self.student.rows_of(real.ids)), real.label, real.weight)
         return torch.zeros((), device=self.student.device), loss / self.world
 
     def fresh_student(self, key: Tuple) -> Params:
