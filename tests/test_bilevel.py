@@ -13,10 +13,12 @@ import torch
 from diet_ray.config import DistillConfig, MemoryConfig
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
-from diet_ray.distill.bilevel import (AdamState, RowClock, ShardDistiller, SlotShard, adam_update, distributed_reduce_sum,
-                                     lazy_adam_update)
+from diet_ray.distill.bilevel.collectives import distributed_reduce_sum
+from diet_ray.distill.bilevel.distiller import ShardDistiller
+from diet_ray.distill.bilevel.inner_optim import AdamState, RowClock, adam_update, lazy_adam_update
+from diet_ray.distill.bilevel.student import Student
 from diet_ray.distill.expert import StreamExpert
-from diet_ray.memory.store import shard_assignment
+from diet_ray.memory.shards import SlotShard, shard_assignment
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models import build_model
 from diet_ray.models.optim import make_optimizer
@@ -111,7 +113,7 @@ MOMENTUM_CFG = dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner
 @pytest.mark.parametrize("cfg", [CFG, EXPERT_CFG, MOMENTUM_CFG], ids=["sgd", "expert", "expert-momentum"])
 def test_outer_loss_decreases(cfg):
     d, _, real = distiller(cfg)
-    assert d.uses_expert_optimiser == (cfg.inner_optimizer == "expert")
+    assert d.loop.uses_expert_optimiser == (cfg.inner_optimizer == "expert")
     before = d.evaluate(real)
     for _ in range(cfg.outer_steps):
         d.outer_step(real)
@@ -125,18 +127,18 @@ def test_expert_student_replays_torch_adam():
     spec, states, optims, real = expert_run()
     d = ShardDistiller(build_model(MODEL, spec, seed=9), states, SlotShard.from_memory(tiny_problem()[2], np.arange(24), np.arange(24)),
                        dataclasses.replace(EXPERT_CFG, inner_steps=5, unroll=5, match="all"), optim_states=optims)  # whole table
-    assert d.segment_steps(1) == (5, 0.02)  # S_c = 5 steps at the expert's lr
-    assert d.adam[1].exp_avg == {}  # a fresh-momentum student does not load the expert's first moment
-    st = AdamState.from_torch(optims[1], d.names, d.traj[0], d.device)  # the expert's full state, as saved
-    theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.names}
+    assert d.loop.segment_steps(1) == (5, 0.02)  # S_c = 5 steps at the expert's lr
+    assert d.loop.adam[1].exp_avg == {}  # a fresh-momentum student does not load the expert's first moment
+    st = AdamState.from_torch(optims[1], d.student.names, d.student.traj[0], d.student.device)  # the expert's full state, as saved
+    theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.student.names}
     m, v = dict(st.exp_avg), dict(st.exp_avg_sq)
     for i in range(5):
         b = real.batch(np.arange(64) + ((5 + i) * 17) % 192)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            torch.func.functional_call(d.model, theta, (b.ids, b.probs, b.numeric)), b.label)
-        grads = dict(zip(d.names, torch.autograd.grad(loss, [theta[n] for n in d.names], allow_unused=True, materialize_grads=True)))
+            torch.func.functional_call(d.student.model, theta, (b.ids, b.probs, b.numeric)), b.label)
+        grads = dict(zip(d.student.names, torch.autograd.grad(loss, [theta[n] for n in d.student.names], allow_unused=True, materialize_grads=True)))
         theta, m, v = adam_update(theta, grads, m, v, st.step + i + 1, torch.tensor(0.02), st)
-    for n in d.names:
+    for n in d.student.names:
         torch.testing.assert_close(theta[n].detach(), states[2][n], rtol=1e-4, atol=1e-6)
 
 
@@ -147,8 +149,8 @@ def test_lazy_student_replays_the_row_sparse_adam():
     spec, states, optims, real = expert_run(optimizer="lazy_adam")
     d = ShardDistiller(build_model(MODEL, spec, seed=9), states, SlotShard.from_memory(tiny_problem()[2], np.arange(24), np.arange(24)),
                        dataclasses.replace(MOMENTUM_CFG, inner_steps=5, unroll=5, match="all"), optim_states=optims)
-    st = d.adam[1]
-    assert st.row_sparse and d.segment_steps(1) == (5, 0.02)
+    st = d.loop.adam[1]
+    assert st.row_sparse and d.loop.segment_steps(1) == (5, 0.02)
     # The optimiser's own step from checkpoint 1.
     model = build_model(MODEL, spec, seed=9)
     model.load_state_dict(states[1])
@@ -158,13 +160,13 @@ def test_lazy_student_replays_the_row_sparse_adam():
     opt.zero_grad()
     torch.nn.functional.binary_cross_entropy_with_logits(model.logits(b), b.label).backward()
     opt.step()
-    theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.names}
+    theta = {n: t.clone().requires_grad_(True) for n, t in states[1].items() if n in d.student.names}
     m, v, clock = dict(st.exp_avg), dict(st.exp_avg_sq), RowClock(st.row_step.clone())
     for i in range(5):
         b = expert_batch(real, 5 + i, "lazy_adam")
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            torch.func.functional_call(d.model, theta, (b.ids, b.probs, b.numeric)), b.label)
-        grads = dict(zip(d.names, torch.autograd.grad(loss, [theta[n] for n in d.names], allow_unused=True, materialize_grads=True)))
+            torch.func.functional_call(d.student.model, theta, (b.ids, b.probs, b.numeric)), b.label)
+        grads = dict(zip(d.student.names, torch.autograd.grad(loss, [theta[n] for n in d.student.names], allow_unused=True, materialize_grads=True)))
         theta, m, v, clock = lazy_adam_update(theta, grads, m, v, st.step + i + 1, torch.tensor(0.02), st, clock)
         if i == 0:
             ost = opt.state[model.embedding.weight]
@@ -178,19 +180,19 @@ def test_lazy_student_replays_the_row_sparse_adam():
             assert torch.equal(m["embedding.weight"][untouched], ost["exp_avg"][untouched])
             assert torch.equal(v["embedding.weight"][untouched], ost["exp_avg_sq"][untouched])
             assert torch.equal(clock.step, ost["row_step"].double())
-    for n in d.names:
+    for n in d.student.names:
         torch.testing.assert_close(theta[n].detach(), states[2][n], rtol=1e-4, atol=1e-6)
-    assert torch.equal(clock.step, d.adam[2].row_step)
+    assert torch.equal(clock.step, d.loop.adam[2].row_step)
 
 
 def test_lazy_student_rows_do_not_drift_with_the_experts_momentum():
     """No data, the expert's momentum carried: dense parameters coast on it, table rows stay."""
     lazy, _, _ = distiller(MOMENTUM_CFG, optimizer="lazy_adam")
-    base, start = lazy.baseline(1), lazy.traj[1]
+    base, start = lazy.loop.baseline(1), lazy.student.traj[1]
     assert torch.equal(base["embedding.weight"], start["embedding.weight"])
-    assert any(not torch.equal(base[n], start[n]) for n in lazy.names if n != "embedding.weight")
+    assert any(not torch.equal(base[n], start[n]) for n in lazy.student.names if n != "embedding.weight")
     dense, _, _ = distiller(MOMENTUM_CFG)
-    assert not torch.equal(dense.baseline(1)["embedding.weight"], dense.traj[1]["embedding.weight"])
+    assert not torch.equal(dense.loop.baseline(1)["embedding.weight"], dense.student.traj[1]["embedding.weight"])
 
 
 def test_adam_state_reads_both_formats_as_tensors_or_numpy():
@@ -213,22 +215,22 @@ def test_adam_state_reads_both_formats_as_tensors_or_numpy():
 def test_no_data_baseline_and_expert_states_are_optional():
     # Fresh momentum (default): no data, no motion; the loss is normalised by ||θ_c - θ_{c+1}||².
     d, _, _ = distiller(EXPERT_CFG)
-    assert all(torch.equal(d.baseline(1)[n], d.traj[1][n]) for n in d.names)
-    assert d.momentum_share() == pytest.approx(1.0)
+    assert all(torch.equal(d.loop.baseline(1)[n], d.student.traj[1][n]) for n in d.student.names)
+    assert d.objective.momentum_share() == pytest.approx(1.0)
     # The expert's momentum carried: with zero gradients Adam still moves, towards θ_{c+1}.
     carry, _, _ = distiller(dataclasses.replace(EXPERT_CFG, expert_momentum=True, learn_inner_lr=True))
-    assert any(not torch.equal(carry.baseline(1)[n], carry.traj[1][n]) for n in carry.names)
-    assert 0 < carry.momentum_share() < 1
+    assert any(not torch.equal(carry.loop.baseline(1)[n], carry.student.traj[1][n]) for n in carry.student.names)
+    assert 0 < carry.objective.momentum_share() < 1
     # ... and its learnable scalar scales the memory's gradient, so the baseline ignores it.
-    share = carry.momentum_share()
+    share = carry.objective.momentum_share()
     with torch.no_grad():
-        carry.log_lr.fill_(5.0)
-    carry._baselines.clear()
-    assert carry.momentum_share() == pytest.approx(share)
+        carry.loop.log_lr.fill_(5.0)
+    carry.loop._baselines.clear()
+    assert carry.objective.momentum_share() == pytest.approx(share)
     # No optimiser states (runs written before they were saved): the SGD student.
     model, states, mem, _ = tiny_problem()
     fallback = ShardDistiller(model, states, SlotShard.from_memory(mem, np.arange(24), np.arange(24)), EXPERT_CFG)
-    assert not fallback.uses_expert_optimiser and fallback.segment_steps(0) == (EXPERT_CFG.inner_steps, 1.0)
+    assert not fallback.loop.uses_expert_optimiser and fallback.loop.segment_steps(0) == (EXPERT_CFG.inner_steps, 1.0)
 
 
 def test_expert_saves_its_optimiser_state_per_checkpoint(tmp_path):
@@ -249,31 +251,31 @@ def test_expert_saves_its_optimiser_state_per_checkpoint(tmp_path):
     mem = SlotMemory.from_rows(stage_rows(1, 20), fmap, MemoryConfig(support_k=2), 1, 0, np.random.default_rng(0))
     d = ShardDistiller(ex.build_model(), [c.state for c in s1.checkpoints], SlotShard.from_memory(mem, np.arange(20), np.arange(20)),
                        dataclasses.replace(EXPERT_CFG, inner_steps=50, unroll=4), optim_states=[c.optim for c in s1.checkpoints])
-    assert d.uses_expert_optimiser
-    assert [d.segment_steps(c)[0] for c in range(3)] == [int(b - a) for a, b in zip(steps, steps[1:])]
+    assert d.loop.uses_expert_optimiser
+    assert [d.loop.segment_steps(c)[0] for c in range(3)] == [int(b - a) for a, b in zip(steps, steps[1:])]
 
 
 def test_reachable_match_ignores_rows_no_slot_can_move():
     d_reach, mem, real = distiller(EXPERT_CFG)
     d_all, _, _ = distiller(dataclasses.replace(EXPERT_CFG, match="all"))
-    support = d_reach.model.global_ids(mem.ids).reshape(-1).unique()
+    support = d_reach.student.model.global_ids(mem.ids).reshape(-1).unique()
     # The student holds only the rows the memory or its real batches touch ...
-    assert torch.equal(d_reach.rows, torch.cat([support, d_reach.model.global_ids(real.ids).reshape(-1)]).unique())
-    table = d_all.traj[1]["embedding.weight"]
-    assert torch.equal(d_reach.traj[1]["embedding.weight"], table[d_reach.rows]) and len(d_reach.rows) < len(table)
+    assert torch.equal(d_reach.student.rows, torch.cat([support, d_reach.student.model.global_ids(real.ids).reshape(-1)]).unique())
+    table = d_all.student.traj[1]["embedding.weight"]
+    assert torch.equal(d_reach.student.traj[1]["embedding.weight"], table[d_reach.student.rows]) and len(d_reach.student.rows) < len(table)
     # ... and matches only the support rows among them.
-    reach = d_reach.match["embedding.weight"].squeeze(1).bool()
-    assert torch.equal(d_reach.rows[reach], support) and 0 < int(reach.sum()) < reach.numel()
-    a, b = d_reach.traj[0], {n: t.clone() for n, t in d_reach.traj[0].items()}
+    reach = d_reach.objective.match["embedding.weight"].squeeze(1).bool()
+    assert torch.equal(d_reach.student.rows[reach], support) and 0 < int(reach.sum()) < reach.numel()
+    a, b = d_reach.student.traj[0], {n: t.clone() for n, t in d_reach.student.traj[0].items()}
     b["embedding.weight"][~reach] += 1.0  # moves only rows outside every support
-    assert float(d_reach._distance(a, b)) == 0.0
+    assert float(d_reach.objective.distance(a, b)) == 0.0
     b["embedding.weight"][torch.nonzero(reach)[0]] += 1.0
-    assert float(d_reach._distance(a, b)) > 0.0
-    a, b = d_all.traj[0], {n: t.clone() for n, t in d_all.traj[0].items()}
+    assert float(d_reach.objective.distance(a, b)) > 0.0
+    a, b = d_all.student.traj[0], {n: t.clone() for n, t in d_all.student.traj[0].items()}
     outside = torch.ones(len(table), dtype=torch.bool)
     outside[support] = False
     b["embedding.weight"][outside] += 1.0
-    assert float(d_all._distance(a, b)) > 0.0
+    assert float(d_all.objective.distance(a, b)) > 0.0
 
 
 @pytest.mark.parametrize("cfg,optimizer", [(EXPERT_CFG, "adam"), (MOMENTUM_CFG, "adam"), (MOMENTUM_CFG, "lazy_adam")],
@@ -281,7 +283,7 @@ def test_reachable_match_ignores_rows_no_slot_can_move():
 def test_student_rows_leave_out_only_rows_nothing_touches(monkeypatch, cfg, optimizer):
     """The row-restricted student gives the whole-table student's outer loss and gradients."""
     d, _, real = distiller(cfg, optimizer=optimizer)
-    own = ShardDistiller._student_rows
+    own = Student._select_rows
 
     def every_row(self, state, real_batches):
         rows, _, support = own(self, state, real_batches)
@@ -290,9 +292,9 @@ def test_student_rows_leave_out_only_rows_nothing_touches(monkeypatch, cfg, opti
         full[rows] = support
         return torch.arange(n), torch.arange(n), full
 
-    monkeypatch.setattr(ShardDistiller, "_student_rows", every_row)
+    monkeypatch.setattr(Student, "_select_rows", every_row)
     whole, _, _ = distiller(cfg, optimizer=optimizer)
-    assert len(d.rows) < len(whole.rows)
+    assert len(d.student.rows) < len(whole.student.rows)
     v1, g1 = d.outer_gradients(real)
     v2, g2 = whole.outer_gradients(real)
     assert v1 == pytest.approx(v2, rel=1e-6)
@@ -336,11 +338,11 @@ def test_truncation_only_last_unroll_steps_carry_gradient(base):
     cfg4 = dataclasses.replace(base, real_loss_weight=0.0, unroll=base.inner_steps)
     d1, _, _ = distiller(cfg1)
     d4, _, _ = distiller(cfg4)
-    n_steps = d1.segment_steps(d1.checkpoint_for(0))[0]
+    n_steps = d1.loop.segment_steps(d1.checkpoint_for(0))[0]
     assert n_steps == base.inner_steps  # the expert took 5 steps per segment, more than 4
     key = ("outer", 0)
-    last = set(d1.global_indices((*key, n_steps - 1)).tolist())
-    early = set().union(*(d1.global_indices((*key, k)).tolist() for k in range(n_steps - 1)))
+    last = set(d1.batches.global_indices((*key, n_steps - 1)).tolist())
+    early = set().union(*(d1.batches.global_indices((*key, k)).tolist() for k in range(n_steps - 1)))
     only_early = sorted(early - last)
     assert only_early and last
     _, g1 = d1.outer_gradients(None)
@@ -354,9 +356,9 @@ def test_truncation_only_last_unroll_steps_carry_gradient(base):
 
 def test_scratch_objective_lowers_a_fresh_students_real_loss():
     d, mem, real = distiller(SCRATCH_CFG)
-    a, b = d.fresh_student(("k", 1)), d.fresh_student(("k", 1))
+    a, b = d.objective.fresh_student(("k", 1)), d.objective.fresh_student(("k", 1))
     assert all(torch.equal(a[n], b[n]) for n in a)  # seeded: every rank builds the same student
-    assert not torch.equal(a["mlp.0.weight"], d.fresh_student(("k", 2))["mlp.0.weight"])
+    assert not torch.equal(a["mlp.0.weight"], d.objective.fresh_student(("k", 2))["mlp.0.weight"])
     value, grads = d.outer_gradients(real)
     assert grads[2].abs().sum() > 0 and grads[3].abs().sum() > 0  # labels and weights get a gradient
     before = d.evaluate(real)
@@ -383,11 +385,11 @@ def test_gradient_matching_objective_runs():
 def test_learnable_inner_lr_moves_and_resume_state_round_trips(base):
     cfg = dataclasses.replace(base, learn_inner_lr=True)
     d, _, real = distiller(cfg)
-    lr0 = float(d.inner_lr().detach())
+    lr0 = float(d.loop.inner_lr().detach())
     assert lr0 == pytest.approx(cfg.inner_lr if base is CFG else cfg.expert_grad_scale)
     for _ in range(3):
         d.outer_step(real)
-    assert float(d.inner_lr().detach()) != lr0
+    assert float(d.loop.inner_lr().detach()) != lr0
     state = d.state_dict()
     d.outer_step(real)
     expected = d.update()
@@ -431,7 +433,7 @@ def _rank_main(rank: int, out: str) -> None:
             torch.save({"index": torch.as_tensor(index), "learn_pos": d.learn_pos, "value": value, "grads": grads,
                         "grads_raw": grads_raw, "logits": upd.logits, "numeric": upd.numeric,
                         "label_logit": upd.label_logit, "weight_param": upd.weight_param,
-                        "inner_lr": d.inner_lr().detach()}, f"{out}/{name}-rank{rank}.pt")
+                        "inner_lr": d.loop.inner_lr().detach()}, f"{out}/{name}-rank{rank}.pt")
         dist.barrier()  # neither rank tears down gloo while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
@@ -462,4 +464,4 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             idx = r["index"]
             for t in ("logits", "numeric", "label_logit", "weight_param"):
                 torch.testing.assert_close(r[t], getattr(ref, t)[idx], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(r["inner_lr"], single.inner_lr().detach(), rtol=1e-5, atol=0)
+            torch.testing.assert_close(r["inner_lr"], single.loop.inner_lr().detach(), rtol=1e-5, atol=0)

@@ -11,13 +11,12 @@ import torch
 
 from diet_ray.data import fs
 from diet_ray.errors import RunStateError
+from diet_ray.memory.shards import shard_assignment, validate_shards
 from diet_ray.memory.store import (
     commit_stage,
     committed_stages,
     last_committed_stage,
     load_stage_memory,
-    shard_assignment,
-    validate_shards,
     verify_stage,
 )
 
@@ -157,7 +156,7 @@ def test_validate_shards_reports_label_mix_at_debug_only(caplog):
     """A label mix off the stage's rate is in the report (the results line) and a DEBUG line:
     nothing a user acts on, so no WARNING on the console (issue 21)."""
     mem = tiny_memory()
-    with caplog.at_level("DEBUG", logger="diet_ray.memory.store"):
+    with caplog.at_level("DEBUG", logger="diet_ray.memory.shards"):
         report: dict = {}
         validate_shards([mem], capacity=40, fmap=tiny_fmap(), target_pos_rate=0.95, tolerance=0.01, report=report)
     assert not report["label_mix_ok"]
@@ -218,7 +217,7 @@ def test_commit_on_s3(s3_run_dir):
 
 
 def test_label_mix_counts_soft_labels_by_their_probability():
-    from diet_ray.memory.store import label_mix
+    from diet_ray.memory.shards import label_mix
 
     mem = tiny_memory()
     mem.label_logit = torch.zeros(len(mem))  # expert labels of p = 0.5: none is a sure positive

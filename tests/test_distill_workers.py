@@ -10,11 +10,11 @@ import pyarrow as pa
 import torch
 
 from diet_ray.config import Config, RayConfig, derive_seed
-from diet_ray.distill.bilevel import ShardDistiller, SlotShard
+from diet_ray.distill.bilevel.distiller import ShardDistiller
 from diet_ray.distill.expert import ExpertCheckpoint
 from diet_ray.distill.trainer import fit_stage
 from diet_ray.faults import FAULT_ENV
-from diet_ray.memory.store import shard_assignment, validate_shards
+from diet_ray.memory.shards import SlotShard, shard_assignment, validate_shards
 
 from test_bilevel import CFG, MODEL, tiny_fmap, tiny_problem, tiny_rows
 

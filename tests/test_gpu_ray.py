@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from diet_ray.config import Config, InfluenceConfig, RayConfig, derive_seed
-from diet_ray.distill.bilevel import ShardDistiller, SlotShard
+from diet_ray.distill.bilevel.distiller import ShardDistiller
 from diet_ray.distill.expert import ExpertCheckpoint, StreamExpert
 from diet_ray.distill.trainer import fit_stage
 from diet_ray.influence.ray_scoring import ScoringPool
 from diet_ray.influence.scorer import InfluenceScorer
-from diet_ray.memory.store import validate_shards
+from diet_ray.memory.shards import SlotShard, validate_shards
 
 import test_bilevel
 import test_expert

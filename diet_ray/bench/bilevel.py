@@ -20,8 +20,9 @@ import torch
 from diet_ray.config import Config, derive_seed
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
-from diet_ray.distill.bilevel import ShardDistiller, SlotShard
+from diet_ray.distill.bilevel.distiller import ShardDistiller
 from diet_ray.memory.addressing import capacity
+from diet_ray.memory.shards import SlotShard
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.models import build_model
 from diet_ray.models.optim import make_optimizer
@@ -83,8 +84,8 @@ def _time_device(cfg: Config, fmap: FeatureMap, memory: SlotMemory, states, opti
     return {
         "device": device,
         "outer_step_s": float(np.median(times)),
-        "inner_optimizer": "expert" if d.uses_expert_optimiser else "sgd",
-        "inner_steps": d.segment_steps(0)[0],
+        "inner_optimizer": "expert" if d.loop.uses_expert_optimiser else "sgd",
+        "inner_steps": d.loop.segment_steps(0)[0],
         "unroll": cfg.distill.unroll,
         "memory_slots": len(memory),
         "memory_batch": min(cfg.distill.memory_batch, len(memory)),

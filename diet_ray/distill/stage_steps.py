@@ -32,7 +32,7 @@ from diet_ray.influence.scorer import InfluenceScorer
 from diet_ray.memory.addressing import AddressPlan, apply_plan, capacity, plan_stage
 from diet_ray.memory.selection import ROW_SELECTIONS, row_selection
 from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory
-from diet_ray.memory.store import validate_shards
+from diet_ray.memory.shards import validate_shards
 from diet_ray.parallelism import Parallelism
 from diet_ray.schema import Batch
 

@@ -12,18 +12,19 @@ checkpoints may hold another shard assignment.
 ``ray.num_workers=0`` runs the same loop in the driver through Ray Train's local mode
 (``ScalingConfig(num_workers=0)``): one shard, no worker, controller or data-split actors, and
 no mid-stage restart (a stage that fails is rerun whole on resume, as any uncommitted stage is).
-That saves Ray Train's per-stage start-up (about 35 CPU-seconds of actor processes on a 2-core
-machine) and is meant for development and single-machine benches.
+That saves Ray Train's per-stage start-up of actor processes and is meant for development and
+single-machine benches.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -31,12 +32,11 @@ import torch
 from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.distill.bilevel import ShardUpdate, SlotShard
 from diet_ray.distill.expert import ExpertCheckpoint
-from diet_ray.distill.worker import shard_file, train_loop_per_worker
+from diet_ray.distill.worker import JOB_KEY, BilevelJob, shard_file, train_loop_per_worker
 from diet_ray.faults import fault_spec
 from diet_ray.errors import RunStateError
-from diet_ray.memory.store import shard_assignment
+from diet_ray.memory.shards import ShardUpdate, SlotShard, shard_assignment
 from diet_ray.memory.slots import SlotMemory
 from diet_ray.ray_runtime import cpu_share, torch_threads
 
@@ -87,12 +87,9 @@ def fit_stage(
     """Refine the slots at ``refine_idx`` with ``cfg.ray.num_workers`` Train workers reading
     ``dataset`` (the stage's rows), or in the driver when it is 0. Returns the updated shards
     and rank 0's final metrics."""
-    import ray
-
     from diet_ray.parallelism import workers as resolved_workers
 
     workers = resolved_workers(cfg)
-    in_process = workers == 0
     assignment = shard_assignment(len(memory), max(1, workers))
     refine_idx = np.asarray(refine_idx, dtype=np.int64)
     if len(refine_idx) == 0 or cfg.distill.outer_steps == 0 or len(checkpoints) < 2:
@@ -100,61 +97,76 @@ def fit_stage(
         return BilevelResult([memory.take(a) for a in assignment], {"skipped": True, "workers": workers})
 
     t0 = time.perf_counter()
+    # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
+    # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).
+    cpus = cpu_share(max(1, workers), reserve=1.0)
+    storage_path, storage_fs = _storage(run_dir)
+    name = f"stage-{stage:04d}"
+    fs.remove(fs.join(ray_train_dir(run_dir), name))
+    with _driver_loop_dir(workers == 0) as local_dir:
+        job = _job(memory, refine_idx, checkpoints, fmap, cfg, stage, assignment,
+                   save_every=int(save_every), threads=torch_threads(cpus), local_dir=local_dir)
+        result = _fit(train_loop_per_worker, job, cfg, workers, cpus, dataset, name, storage_path, storage_fs)
+        return _gather(result, memory, assignment, refine_idx, stage, storage_path, name, workers, cpus, t0)
+
+
+def _job(memory: SlotMemory, refine_idx: np.ndarray, checkpoints: List[ExpertCheckpoint], fmap: FeatureMap,
+         cfg: Config, stage: int, assignment: List[np.ndarray], *, save_every: int, threads: int,
+         local_dir: Optional[str]) -> BilevelJob:
+    """The job every worker gets (``local_dir`` set: the loop runs in the driver)."""
+    import ray
+
     # Workers read the shards and the expert's states from the object store. The driver's own
     # loop gets them as they are: putting the checkpoints and Adam states (about 0.7 GB a stage
     # at a 706k-id vocabulary) only to read them back in this process grew the store's touched
     # pages stage by stage (docs/performance.md, "Soak"). The loop copies what it keeps either way.
-    put = (lambda obj: obj) if in_process else ray.put  # noqa: E731
-    shard_refs = [put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment]
-    trajectory_ref = put(_as_numpy([ck.state for ck in checkpoints]))
+    put = (lambda obj: obj) if local_dir else ray.put  # noqa: E731
     # The expert optimiser's state per checkpoint: the bi-level student continues from it.
-    optim_ref = put(_as_numpy([ck.optim for ck in checkpoints])) if all(ck.optim is not None for ck in checkpoints) else None
-    spec = fmap.input_spec()
-    # A whole CPU stays free: the stage's read tasks ask for 1 CPU each, and Train workers that
-    # hold all but half a CPU starve them (the workers then wait on get_dataset_shard forever).
-    cpus = cpu_share(max(1, workers), reserve=1.0)
-    config = {
-        "shards": shard_refs,
-        "trajectory": trajectory_ref,
-        "optim_states": optim_ref,
-        "model": dict(cfg.expert.model),
-        "vocab_sizes": list(spec.vocab_sizes),
-        "num_numeric": spec.num_numeric,
-        "cat_names": list(fmap.cat_names),
-        "num_names": list(fmap.num_names),
-        "distill": asdict(cfg.distill),
-        "temperature": float(cfg.memory.temperature),
-        "seed": derive_seed(cfg.seed, "bilevel"),
-        "stage": int(stage),
-        "save_every": int(save_every),
-        "torch_threads": torch_threads(cpus),
-        "fault": fault_spec(),
-        "local_dir": None,
-    }
-    storage_path, storage_fs = _storage(run_dir)
-    name = f"stage-{stage:04d}"
-    fs.remove(fs.join(ray_train_dir(run_dir), name))
-    if in_process:
-        threads = torch.get_num_threads()
-        # Local mode keeps a reported checkpoint as the directory it names: the loop writes its
-        # final shard here (its own temporary dir would be gone), and this function removes it.
-        config["local_dir"] = tempfile.mkdtemp(prefix="diet-ray-bilevel-")
+    with_optim = all(ck.optim is not None for ck in checkpoints)
+    return BilevelJob(
+        shards=[put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment],
+        trajectory=put(_as_numpy([ck.state for ck in checkpoints])),
+        optim_states=put(_as_numpy([ck.optim for ck in checkpoints])) if with_optim else None,
+        model=dict(cfg.expert.model),
+        spec=fmap.input_spec(),
+        cat_names=list(fmap.cat_names),
+        num_names=list(fmap.num_names),
+        distill=cfg.distill,
+        temperature=float(cfg.memory.temperature),
+        seed=derive_seed(cfg.seed, "bilevel"),
+        stage=int(stage),
+        save_every=save_every,
+        torch_threads=threads,
+        fault=fault_spec(),
+        local_dir=local_dir,
+    )
+
+
+@contextlib.contextmanager
+def _driver_loop_dir(in_process: bool) -> Iterator[Optional[str]]:
+    """None for Train workers. For the loop in the driver (Ray Train's local mode), a directory
+    for its final shard (local mode keeps a reported checkpoint as the directory it names, and
+    the loop's own temporary dir would be gone), removed afterwards with the driver's thread
+    count restored (the loop sets its own)."""
+    if not in_process:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    local_dir = tempfile.mkdtemp(prefix="diet-ray-bilevel-")
     try:
-        result = _fit(train_loop_per_worker, config, cfg, workers, cpus, dataset, name, storage_path, storage_fs)
-        return _gather(result, memory, assignment, refine_idx, stage, storage_path, name, workers, cpus, t0)
+        yield local_dir
     finally:
-        if in_process:
-            torch.set_num_threads(threads)  # the loop set the driver's own thread count
-            shutil.rmtree(config["local_dir"], ignore_errors=True)
+        torch.set_num_threads(threads)
+        shutil.rmtree(local_dir, ignore_errors=True)
 
 
-def _fit(loop, config, cfg: Config, workers: int, cpus: float, dataset, name: str, storage_path: str, storage_fs):
+def _fit(loop, job: BilevelJob, cfg: Config, workers: int, cpus: float, dataset, name: str, storage_path: str, storage_fs):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         loop,
-        train_loop_config=config,
+        train_loop_config={JOB_KEY: job},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(cfg.ray.use_gpu),
                                      resources_per_worker={"CPU": cpus} if workers else None),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
@@ -183,10 +195,10 @@ def _gather(result, memory: SlotMemory, assignment, refine_idx, stage: int, stor
             path = os.path.join(d, shard_file(rank))
             if not os.path.exists(path):
                 raise RunStateError(f"{path}: worker {rank} reported no shard; the bi-level job did not finish")
-            s = torch.load(path, map_location="cpu", weights_only=True)
-            if not np.array_equal(s["index"].numpy(), assignment[rank]):
+            shard = ShardUpdate.from_state(torch.load(path, map_location="cpu", weights_only=True))
+            if not np.array_equal(shard.index, assignment[rank]):
                 raise RunStateError(f"{path}: shard {rank} holds other slots than assigned; the checkpoint is from another attempt")
-            updated = ShardUpdate(s["index"].numpy(), s["logits"], s["numeric"], s["label_logit"], s["weight_param"]).apply_to(updated)
+            updated = shard.apply_to(updated)
     updated.updated_stage[refine_idx] = stage
     metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
         "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s",

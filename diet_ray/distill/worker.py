@@ -6,14 +6,8 @@ reports its updated slots in a checkpoint (``shard-RANK.pt``). Progress (outer s
 tensors, Adam state: ``progress-RANK.pt``) is checkpointed every ``save_every`` outer steps so a
 worker group restarted by ``FailureConfig`` continues where it stopped.
 
-``config`` (built by ``diet_ray.distill.trainer``): object-store refs ``shards`` (one SlotShard
-per rank), ``trajectory`` (the expert's checkpoint state dicts as numpy) and ``optim_states``
-(the expert optimiser's state per checkpoint, or None), or in local mode those objects
-themselves, plus ``model`` (candidate
-dict), ``vocab_sizes``, ``num_numeric``, ``cat_names``, ``num_names``, ``distill`` (DistillConfig
-as a dict), ``temperature``, ``seed``, ``stage``, ``save_every``, ``torch_threads``, ``fault``,
-``local_dir`` (set in Ray Train's local mode only: the loop runs in the driver, reports no
-progress checkpoints, since nothing would restart it, and writes its final shard there).
+The driver (``diet_ray.distill.trainer``) hands the loop one ``BilevelJob`` as
+``train_loop_config={JOB_KEY: job}``.
 """
 from __future__ import annotations
 
@@ -22,17 +16,50 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from diet_ray.config import DistillConfig, derive_seed
-from diet_ray.distill.bilevel import ShardDistiller, distributed_reduce_sum, identity_reduce
-from diet_ray.models import Batch, InputSpec, build_model
+from diet_ray.distill.bilevel.collectives import distributed_reduce_sum, identity_reduce
+from diet_ray.distill.bilevel.distiller import ShardDistiller
+from diet_ray.faults import fail_bilevel_step
+from diet_ray.models import build_model
+from diet_ray.models.base import CTRModel
+from diet_ray.schema import Batch, InputSpec
 
 log = logging.getLogger(__name__)
 
+JOB_KEY = "job"
+
+
+@dataclass
+class BilevelJob:
+    """One stage's bi-level job, as the driver hands it to every worker. The large parts are
+    object-store refs, or in Ray Train's local mode the objects themselves."""
+
+    shards: List[Any]  # one SlotShard (or its ref) per rank
+    trajectory: Any  # the expert's checkpoint state dicts as numpy (or their ref)
+    optim_states: Any  # the expert optimiser's state per checkpoint as numpy (or its ref), or None
+    model: Dict[str, Any]  # the expert's candidate dict: the student's architecture
+    spec: InputSpec
+    cat_names: List[str]
+    num_names: List[str]
+    distill: DistillConfig
+    temperature: float
+    seed: int
+    stage: int
+    save_every: int = 10
+    torch_threads: int = 1
+    fault: str = ""  # the driver's $DIET_RAY_FAULT (diet_ray.faults)
+    # Set in Ray Train's local mode only: the loop runs in the driver, reports no progress
+    # checkpoints (nothing would restart it) and writes its final shard there.
+    local_dir: Optional[str] = None
+
+    def build_student(self, seed: int) -> CTRModel:
+        return build_model(dict(self.model), self.spec, seed=seed)
 
 
 def shard_file(rank: int) -> str:
@@ -77,110 +104,110 @@ def _fetch(obj: Any) -> Any:
     return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
 
 
-def _maybe_fail(spec: str, stage: int, step: int, rank: int) -> None:
-    """Fault injection for resume tests (``spec`` = the driver's $DIET_RAY_FAULT): raise once
-    (``bilevel:``) or kill the worker process once (``bilevel-exit:``); a flag file records
-    that it happened."""
-    if rank != 0:
-        return
-    for part in spec.split(";"):
-        if not part.startswith(("bilevel:", "bilevel-exit:")):
-            continue
-        mode, s, k, flag = part.split(":", 3)
-        if int(s) == stage and int(k) == step and not os.path.exists(flag):
-            with open(flag, "w") as f:
-                f.write("failed once\n")
-            if mode == "bilevel-exit":
-                os._exit(1)
-            raise RuntimeError(f"injected fault at stage {stage} outer step {step} (DIET_RAY_FAULT)")
-
-
-def train_loop_per_worker(config: Dict[str, Any]) -> None:
-    import ray
+def train_loop_per_worker(config: Dict[str, BilevelJob]) -> None:
     import ray.train
     import ray.train.torch
 
+    job = config[JOB_KEY]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(int(config.get("torch_threads", 1)))
-    torch.manual_seed(derive_seed(config["seed"], "bilevel-worker", config["stage"], rank))
-    cfg = DistillConfig(**config["distill"])
-    stage = int(config["stage"])
-
-    shard = _fetch(config["shards"][rank])
-    trajectory = _fetch(config["trajectory"])
-    optim_states = _fetch(config["optim_states"]) if config.get("optim_states") is not None else None
-    spec = InputSpec(tuple(config["vocab_sizes"]), int(config["num_numeric"]))
-    model = build_model(dict(config["model"]), spec, seed=derive_seed(config["seed"], "bilevel-student"))
-    # The real batches first: their ids are part of the student's embedding rows.
+    torch.set_num_threads(int(job.torch_threads))
+    torch.manual_seed(derive_seed(job.seed, "bilevel-worker", job.stage, rank))
+    model = job.build_student(derive_seed(job.seed, "bilevel-student"))
     t0 = time.perf_counter()
+    # The real batches first: their ids are part of the student's embedding rows.
+    real = _worker_real_batches(job, rank, world, device)
+    distiller = _build_distiller(job, model, real, rank, world, device)
+    start_loss = _resume(distiller, job.stage, rank)
+    eval_real = real[0] if real else None
+    if start_loss is None:
+        start_loss = distiller.evaluate(eval_real)
+    losses = _outer_steps(distiller, job, real, start_loss, rank)
+    metrics = {
+        "outer_step": distiller.step,
+        "outer_loss_start": start_loss,
+        "outer_loss_end": distiller.evaluate(eval_real),
+        "outer_loss_last_step": losses[-1] if losses else None,
+        "inner_lr": float(distiller.loop.inner_lr().detach()),
+        "inner_optimizer": "expert" if distiller.loop.uses_expert_optimiser else "sgd",
+        "momentum_share": distiller.objective.momentum_share(),
+        "real_batches": len(real),
+        "loop_s": time.perf_counter() - t0,
+        "world_size": world,
+    }
+    _report(distiller, rank, start_loss, metrics, final=True, local_dir=job.local_dir)
+
+
+def _worker_real_batches(job: BilevelJob, rank: int, world: int, device) -> List[Batch]:
+    """This rank's real batches for the outer steps (one more for ``evaluate``), on ``device``."""
+    import ray.train
+
+    cfg = job.distill
     per_rank = max(1, cfg.real_batch // world)
-    real = [b.to(device) for b in _real_batches(
-        ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
-        list(config["cat_names"]), list(config["num_names"]), derive_seed(config["seed"], "bilevel-real", stage, rank),
-    )]
+    seed = derive_seed(job.seed, "bilevel-real", job.stage, rank)
+    real = [b.to(device) for b in _real_batches(ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
+                                                list(job.cat_names), list(job.num_names), seed)]
     if not real and cfg.objective in ("gradient", "scratch"):
-        raise RuntimeError(f"stage {stage}: no full real batch of {per_rank} rows per worker for the {cfg.objective} objective")
-    distiller = ShardDistiller(
+        raise RuntimeError(f"stage {job.stage}: no full real batch of {per_rank} rows per worker for the {cfg.objective} objective")
+    return real
+
+
+def _build_distiller(job: BilevelJob, model: CTRModel, real: List[Batch], rank: int, world: int, device) -> ShardDistiller:
+    """This rank's distiller; the expert's states are fetched here, and the student keeps only its
+    rows of them (the whole arrays go when this returns)."""
+    optim_states = _fetch(job.optim_states) if job.optim_states is not None else None
+    return ShardDistiller(
         model,
-        trajectory,
-        shard,
-        cfg,
-        temperature=float(config["temperature"]),
-        seed=int(config["seed"]),
-        stage=stage,
+        _fetch(job.trajectory),
+        _fetch(job.shards[rank]),
+        job.distill,
+        temperature=float(job.temperature),
+        seed=int(job.seed),
+        stage=int(job.stage),
         reduce_sum=identity_reduce if world == 1 else distributed_reduce_sum,
         world_size=world,
         device=device,
         optim_states=optim_states,
         real=real,
-        student_factory=lambda seed: build_model(dict(config["model"]), spec, seed=seed),
+        student_factory=job.build_student,
     )
-    del trajectory, optim_states  # the student keeps only its rows of them
 
-    start_loss: Optional[float] = None
+
+def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[float]:
+    """Load this rank's progress from the checkpoint of a restarted worker group; returns the
+    outer loss measured before the first step, or None on a fresh start."""
+    import ray.train
+
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = torch.load(os.path.join(d, progress_file(rank)), map_location="cpu", weights_only=True)
-        distiller.load_state_dict(state["distiller"])
-        start_loss = float(state["outer_loss_start"])
-        if rank == 0:
-            log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
+    if resumed is None:
+        return None
+    with resumed.as_directory() as d:
+        state = torch.load(os.path.join(d, progress_file(rank)), map_location="cpu", weights_only=True)
+    distiller.load_state_dict(state["distiller"])
+    if rank == 0:
+        log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
+    return float(state["outer_loss_start"])
 
-    eval_real = real[0] if real else None
-    if start_loss is None:
-        start_loss = distiller.evaluate(eval_real)
 
-    save_every = max(1, int(config.get("save_every", 10)))
-    local_dir = config.get("local_dir")  # set in Ray Train's local mode only
+def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start_loss: float, rank: int) -> List[float]:
+    """The remaining outer steps, reporting progress every ``save_every``; their losses."""
+    cfg, stage = job.distill, job.stage
+    save_every = max(1, int(job.save_every))
     # A worker's INFO lines go to its Ray log; in the driver (local mode) they would join the
     # console's one line per stage, so there they are DEBUG.
-    progress = log.debug if local_dir else log.info
+    progress = log.debug if job.local_dir else log.info
     losses: List[float] = []
     while distiller.step < cfg.outer_steps:
-        _maybe_fail(str(config.get("fault") or ""), stage, distiller.step, rank)
+        fail_bilevel_step(job.fault, stage, distiller.step, rank)  # the resume tests' hook (diet_ray.faults)
         batch = real[(distiller.step + 1) % len(real)] if real else None
         losses.append(distiller.outer_step(batch))
-        if rank == 0 and (distiller.step % save_every == 0 or distiller.step == cfg.outer_steps):
-            progress("stage %d: outer step %d/%d loss %.4f", stage, distiller.step, cfg.outer_steps, losses[-1])
-        if distiller.step % save_every == 0 and distiller.step < cfg.outer_steps and not local_dir:
-            _report(distiller, rank, start_loss, {"outer_step": distiller.step, "outer_loss": losses[-1]}, final=False)
-    end_loss = distiller.evaluate(eval_real)
-    metrics = {
-        "outer_step": distiller.step,
-        "outer_loss_start": start_loss,
-        "outer_loss_end": end_loss,
-        "outer_loss_last_step": losses[-1] if losses else None,
-        "inner_lr": float(distiller.inner_lr().detach()),
-        "inner_optimizer": "expert" if distiller.uses_expert_optimiser else "sgd",
-        "momentum_share": distiller.momentum_share() if cfg.objective == "trajectory" else None,
-        "real_batches": len(real),
-        "loop_s": time.perf_counter() - t0,
-        "world_size": world,
-    }
-    _report(distiller, rank, start_loss, metrics, final=True, local_dir=local_dir)
+        step = distiller.step
+        if rank == 0 and (step % save_every == 0 or step == cfg.outer_steps):
+            progress("stage %d: outer step %d/%d loss %.4f", stage, step, cfg.outer_steps, losses[-1])
+        if step % save_every == 0 and step < cfg.outer_steps and not job.local_dir:
+            _report(distiller, rank, start_loss, {"outer_step": step, "outer_loss": losses[-1]}, final=False)
+    return losses
 
 
 def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool,
@@ -192,10 +219,5 @@ def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Di
         if not local_dir:  # progress is for a restarted worker; nothing restarts the local loop
             torch.save({"distiller": distiller.state_dict(), "outer_loss_start": start_loss}, os.path.join(d, progress_file(rank)))
         if final:
-            u = distiller.update()
-            torch.save(
-                {"index": torch.as_tensor(u.index), "logits": u.logits, "numeric": u.numeric,
-                 "label_logit": u.label_logit, "weight_param": u.weight_param},
-                os.path.join(d, shard_file(rank)),
-            )
+            torch.save(distiller.update().to_state(), os.path.join(d, shard_file(rank)))
         ray.train.report(dict(metrics, final=final), checkpoint=Checkpoint.from_directory(d))
