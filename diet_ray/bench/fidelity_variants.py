@@ -38,7 +38,7 @@ class StageContext:
     signals: ExpertSignals
     rep: int = 0
     runs: Optional[DietRuns] = None  # memory variants only
-    _embeddings: Optional[np.ndarray] = field(default=None, repr=False)
+    _embeddings: Optional[np.ndarray] = field(default=None, init=False, repr=False)
 
     def embeddings(self) -> np.ndarray:
         """The history's row embeddings, computed once and shared by every budget."""
