@@ -134,9 +134,13 @@ def dispatch(args: argparse.Namespace) -> int:
 
         run_bench(args.what, cfg, args.out, rows=args.rows, verbose=args.verbose)
     elif verb == "report":
+        from diet_ray.bench.fidelity_report import is_fidelity_dir, redraw
         from diet_ray.evaluate.report import report
 
-        report(args.dir)
+        if is_fidelity_dir(args.dir):  # a fidelity bench dir: its table and plots
+            redraw(args.dir)
+        else:
+            report(args.dir)
     return 0
 
 

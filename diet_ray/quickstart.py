@@ -7,7 +7,7 @@ evaluate`` does (train on the history D_1..D_t, test on D_{t+1}): every candidat
 - ``full``: all of the history;
 - ``memory``: the run's committed memory of stage t;
 - ``random``: a uniform random subset of the history with as many rows as the memory has
-  slots (``diet_ray.evaluate.subsets.random_subset``, the fidelity bench's ``random``),
+  slots (``diet_ray.bench.subsets.random_subset``, the fidelity bench's ``random``),
 
 each with the fidelity bench's candidate-training protocol (``bench.fidelity.protocol_for``:
 the same optimiser and learning rate, a batch that gives a small set about
@@ -50,7 +50,7 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     from diet_ray.data.stages import StageStore
     from diet_ray.distill.pipeline import run
     from diet_ray.evaluate.runner import CandidateRunner, check_candidates, check_stages, load_memory_batch
-    from diet_ray.evaluate.subsets import random_subset
+    from diet_ray.bench.subsets import random_subset
 
     run(cfg, verbose=verbose)
     run_dir = cfg.run.dir
@@ -100,7 +100,7 @@ def make_verdict(by_set: Dict[str, Dict[str, Dict[str, Any]]], t: int, history_r
                  cfg: Config) -> Dict[str, Any]:
     """The ``kind: verdict`` record: per candidate its AUC and rank on every set; per small set
     τ, ρ, top-1 regret, AUC gap and cost ratio against full history (``fidelity_metrics``)."""
-    from diet_ray.bench.fidelity import distill_cost
+    from diet_ray.bench.fidelity_runs import distill_cost
     from diet_ray.bench.fidelity_summary import fidelity_metrics
 
     full = by_set["full"]

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from diet_ray.bench.fidelity import batch_size_for, bench_fidelity, eval_stages, write_prepared_groups
+from diet_ray.bench import subsets as S
+from diet_ray.bench.fidelity import batch_size_for, eval_stages
+from diet_ray.bench.fidelity_bench import bench_fidelity
+from diet_ray.bench.fidelity_report import redraw
+from diet_ray.bench.fidelity_runs import write_prepared_groups
 from diet_ray.config import TrainConfig, load_config
 from diet_ray.data import fs
 from diet_ray.data.stages import StageStore
 from diet_ray.errors import ConfigError
-from diet_ray.evaluate import subsets as S
-from diet_ray.evaluate.report import report
 
 ZOO = "[{model: lr, lr: 0.05}, {model: lr, lr: 0.002}, {model: fm, embed_dim: 4, lr: 0.01}, {model: dnn, embed_dim: 4, hidden: [8]}]"
 
@@ -104,15 +106,17 @@ def _small_cfg(ml_small, configs_dir, tmp_path, *extra):
 
 
 def test_random_teacher_is_random_rows_with_the_experts_clipped_labels(tmp_path, ml_small, configs_dir):
-    from diet_ray.bench.fidelity import ExpertSignals, FidelityBench
+    from diet_ray.bench.fidelity_bench import FidelityBench
+    from diet_ray.bench.fidelity_signals import ExpertSignals
+    from diet_ray.bench.fidelity_variants import VARIANTS, StageContext
 
     cfg = _small_cfg(ml_small, configs_dir, tmp_path, "memory.init_logit=1.5")
     bench = FidelityBench(cfg, str(tmp_path / "bench"), verbose=False)
     hist = bench.store.read_history(0)
     signals = ExpertSignals(cfg, bench.store, str(tmp_path / "bench"), seed=7)
-    args = (hist, [40], 7, 0, 0.02, signals, None, [len(hist)])
-    idx = bench.subset("random_teacher", *args)
-    assert np.array_equal(idx, bench.subset("random", *args)) and len(idx) == 40
+    ctx = StageContext(cfg, hist, [len(hist)], stage=0, seed=7, signals=signals)
+    idx = VARIANTS["random_teacher"].rows(ctx, 0.02, [40])
+    assert np.array_equal(idx, VARIANTS["random"].rows(ctx, 0.02, [40])) and len(idx) == 40
     batch = signals.teacher_labelled(0, hist.batch(idx))
     # by hand: the stage's last expert checkpoint, its logits clipped to +-init_logit, then the sigmoid
     model = signals.expert.build_model()
@@ -126,7 +130,7 @@ def test_random_teacher_is_random_rows_with_the_experts_clipped_labels(tmp_path,
 
 @pytest.mark.ray
 def test_no_bilevel_ablation_commits_the_selected_rows_unchanged(tmp_path, ml_small, configs_dir, ray_local):
-    from diet_ray.bench.fidelity import ABLATIONS
+    from diet_ray.bench.fidelity_runs import ABLATIONS
     from diet_ray.distill.expert import StreamExpert
     from diet_ray.distill.pipeline import run
     from diet_ray.memory.slots import UNIT_WEIGHT_PARAM
@@ -159,7 +163,7 @@ def test_addressing_option_replaces_stale_slots_and_refines_a_subset(tmp_path, m
     """The default refines every slot and replaces none; the measured option (the bench's
     ``diet_addressing``) replaces only slots of negative influence and refines the new, the
     replaced and the top refine_frac of the kept ones."""
-    from diet_ray.bench.fidelity import ABLATIONS
+    from diet_ray.bench.fidelity_runs import ABLATIONS
     from diet_ray.distill.pipeline import run
     from diet_ray.memory.store import load_stage_memory
 
@@ -294,7 +298,7 @@ def test_fidelity_bench_end_to_end(tmp_path, ml_small, configs_dir, ray_local):
         assert p.stat().st_size > 1000
         p.unlink()
     (out / "table.md").unlink()
-    written = report(str(out))
+    written = redraw(str(out))
     assert all(p.exists() for p in plots) and (out / "table.md").exists() and len(written) == 4
     table = (out / "table.md").read_text()
     assert "| diet |" in table and "| full_single |" in table and "DIET minus each variant" in table and "E=2" in table

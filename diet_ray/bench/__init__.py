@@ -17,7 +17,7 @@ def run_bench(what: str, cfg: Config, out: str, rows: Optional[int] = None, verb
     elif what == "bilevel":
         from diet_ray.bench.bilevel import bench_bilevel as fn
     elif what == "fidelity":
-        from diet_ray.bench.fidelity import bench_fidelity as fn
+        from diet_ray.bench.fidelity_bench import bench_fidelity as fn
     elif what == "expert":
         from diet_ray.bench.expert import bench_expert as fn
     elif what == "soak":

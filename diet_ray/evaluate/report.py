@@ -79,11 +79,7 @@ def plot_evaluate_auc(recs: List[Dict[str, Any]], out: str) -> str:
 
 
 def report(run_dir: str) -> List[str]:
-    """Draw ``run_dir/report/evaluate_auc.png`` (a fidelity bench dir: its table and plots); returns the files written."""
-    from diet_ray.bench.fidelity_report import is_fidelity_dir, redraw
-
-    if is_fidelity_dir(run_dir):
-        return redraw(run_dir)
+    """Draw ``run_dir/report/evaluate_auc.png``; returns the files written."""
     out = plot_evaluate_auc(evaluate_records(run_dir), layout.report_path(run_dir, "evaluate_auc.png"))
     log.info("wrote %s", out)
     return [out]
