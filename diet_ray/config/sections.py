@@ -191,7 +191,7 @@ class DistillConfig:
     objective: str = "trajectory"
     outer_steps: int = 30
     # 0.2 (was 0.05): support and label logits start saturated at +-memory.init_logit and need
-    # larger moves (diet_ray/distill/bilevel.py docstring has the measurements).
+    # larger moves (docs/method.md, "The bi-level step").
     outer_lr: float = 0.2
     # Most inner steps per outer step; with inner_optimizer=expert the student takes
     # min(inner_steps, the expert's optimiser steps in the segment).
