@@ -66,7 +66,7 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
 
 
 @pytest.mark.ray
-def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(ray_local, tmp_path):
+def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(ray_local, tmp_path, monkeypatch):
     """``ray.num_workers=0``: Ray Train's local mode runs the same loop in the driver."""
     import glob
     import tempfile
@@ -76,6 +76,9 @@ def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(r
     stage, steps = 1, 3
     cfg, fmap, model, states, mem, checkpoints, table = _problem(steps, RayConfig(num_workers=0))
     refine = np.arange(0, 24, 3)
+    # A temp dir of its own: other runs on the machine make bi-level dirs in the shared one.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     left = lambda: set(glob.glob(f"{tempfile.gettempdir()}/diet-ray-bilevel-*"))  # noqa: E731
     before_dirs, threads = left(), torch.get_num_threads()
     torch.set_num_threads(2)
