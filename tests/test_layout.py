@@ -111,6 +111,7 @@ def test_the_readme_layout_names_every_module():
             folder, rest = "", line
         else:
             continue
+        rest = re.sub(r"(\w*)\{([\w,]+)\}", lambda m: " ".join(m.group(1) + w for w in m.group(2).split(",")), rest)
         for word in re.findall(r"[A-Za-z_]\w*", rest.replace(".py", "")):
             named.add(f"{folder}/{word}" if folder else word)
     missing = []

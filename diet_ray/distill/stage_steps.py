@@ -11,7 +11,7 @@ Labels. With ``memory.label_init=expert`` (default) a slot's label logit is the 
 expert's logit (last checkpoint of the stage, clipped to +-init_logit) instead of +-init_logit
 from the row's 0/1 label; with ``label_refresh`` every slot is relabelled by the current
 expert at the start of each stage and again just before the commit, so the bi-level step's
-label updates are not kept. README "deviations" has the measurements behind both choices.
+label updates are not kept. docs/method.md has the measurements behind both choices.
 """
 from __future__ import annotations
 
