@@ -6,7 +6,7 @@ driver). ``auto`` resolves once per run, after Ray is up:
 
 - in the driver (0) on a local single-node runtime: the stage is in the driver's memory
   already, and Train workers or an actor pool only add start-up and transfer time there
-  (a 100k-row log: 376 s with them, 35 s in the driver, on a 2-core machine);
+  (docs/method.md, "The bi-level step in the driver");
 - ``CLUSTER_WORKERS`` Train workers and ``CLUSTER_ACTORS`` scoring actors when ``ray.address``
   (or ``RAY_ADDRESS``, as under ``ray job submit``) is set, or the connected cluster has more
   than one node.

@@ -20,7 +20,7 @@ from diet_ray.schema import Batch
 # Ray Data 2.60's Parquet reader (datasource V2) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
 # footer-reading actors, 32 by default, for every read it plans, however few files it lists:
 # 32 worker processes per stage read. Each actor keeps 128 footer reads in flight, so one per
-# 128 files is enough; on a 2-CPU node this cut a 2-stage run from 173 s to 138 s wall (README).
+# 128 files is enough (docs/method.md, "Parquet footer readers").
 FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 FOOTER_READS_PER_ACTOR = 128
 FOOTER_ACTORS_MAX = 32  # Ray's default, for reads of thousands of files
