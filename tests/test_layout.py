@@ -124,3 +124,12 @@ def test_the_readme_layout_names_every_module():
         if key not in named:
             missing.append(str(rel))
     assert missing == [], f"README layout misses: {sorted(missing)}"
+
+
+def test_the_data_path_does_not_import_torch():
+    """``diet-ray prepare`` (and Ray Data's read workers) load data code only: no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, diet_ray.data.prepare, diet_ray.data.stages; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -16,7 +16,6 @@ from typing import Any, Dict, List
 import numpy as np
 
 from diet_ray.data import fs
-from diet_ray.schema import InputSpec
 
 META_COLUMNS = ("_row_id", "_ts", "_label")
 FEATURE_MAP_VERSION = 1
@@ -73,6 +72,8 @@ class FeatureMap:
         return [f.name for f in self.numeric]
 
     def input_spec(self):
+        from diet_ray.schema import InputSpec  # the schema module imports torch; prepare does not need it
+
         return InputSpec(tuple(f.vocab_size for f in self.categorical), len(self.numeric))
 
     def known_limits(self, stage: int) -> np.ndarray:

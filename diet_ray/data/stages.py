@@ -14,7 +14,6 @@ from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.errors import DataError
 from diet_ray.layout import FEATURE_MAP_FILE, prepared_dir, prepared_stage_dir
-from diet_ray.schema import Batch
 
 
 # Ray Data 2.60's Parquet reader (datasource V2) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
@@ -64,6 +63,8 @@ class EncodedRows:
         return self.take(np.arange(start, min(stop, len(self))))
 
     def batch(self, idx: Optional[np.ndarray] = None):
+        from diet_ray.schema import Batch  # torch: not for prepare, which never builds a batch
+
         r = self if idx is None else self.take(idx)
         return Batch.hard(r.cat, r.num, r.label)
 
