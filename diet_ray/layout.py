@@ -15,6 +15,9 @@
 """
 from __future__ import annotations
 
+import re
+from typing import Optional
+
 from diet_ray.data import fs
 
 SUCCESS = "_SUCCESS"
@@ -22,8 +25,17 @@ RESULTS_FILE = "results.jsonl"
 FEATURE_MAP_FILE = "feature_map.json"
 
 
+_STAGE_NAME = re.compile(r"^stage=(\d+)$")
+
+
 def stage_name(stage: int) -> str:
     return f"stage={stage:04d}"
+
+
+def stage_of(name: str) -> Optional[int]:
+    """The stage a ``stage=NNNN`` directory name holds (None for any other name)."""
+    m = _STAGE_NAME.match(name)
+    return int(m.group(1)) if m else None
 
 
 def config_path(run_dir: str) -> str:

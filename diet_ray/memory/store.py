@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from typing import Any, Dict, List, Optional
 
 
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
-from diet_ray.layout import SUCCESS, committed_stage_dir, feature_map_path, stage_name, stages_root
+from diet_ray.layout import SUCCESS, committed_stage_dir, feature_map_path, is_committed, stage_name, stage_of, stages_root
 from diet_ray.errors import RunStateError
 from diet_ray.memory.parquet import load_memory, to_parquet_bytes
 from diet_ray.memory.slots import SlotMemory
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 MEMORY_FILE = "memory.parquet"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
-_STAGE_RE = re.compile(r"^stage=(\d+)$")
 
 
 # ---------------------------------------------------------------------------------- commit
@@ -61,7 +59,7 @@ def commit_stage(
     memory.check(fmap, f"commit of stage {stage}")
     root = stages_root(run_dir)
     final = committed_stage_dir(run_dir, stage)
-    if fs.exists(fs.join(final, SUCCESS)):
+    if is_committed(run_dir, stage):
         raise RunStateError(f"{final}: stage {stage} is already committed; start a new run.dir to recompute it")
     tmp = fs.join(root, f".tmp-{stage_name(stage)}")
     fs.remove(tmp)
@@ -124,9 +122,9 @@ def committed_stages(run_dir: str) -> List[int]:
         return []
     out = []
     for entry in fsys.ls(path, detail=False):
-        m = _STAGE_RE.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        if m and fsys.exists(f"{entry.rstrip('/')}/{SUCCESS}"):
-            out.append(int(m.group(1)))
+        t = stage_of(entry.rstrip("/").rsplit("/", 1)[-1])
+        if t is not None and fsys.exists(f"{entry.rstrip('/')}/{SUCCESS}"):
+            out.append(t)
     return sorted(out)
 
 
@@ -163,7 +161,7 @@ def last_committed_stage(run_dir: str, config_hash: Optional[str] = None) -> int
 def load_stage_memory(run_dir: str, stage: int) -> SlotMemory:
     """The committed memory of ``stage`` (checksums verified); RunStateError if not committed."""
     d = committed_stage_dir(run_dir, stage)
-    if not fs.exists(fs.join(d, SUCCESS)):
+    if not is_committed(run_dir, stage):
         raise RunStateError(
             f"{d}: stage {stage} has no committed memory (_SUCCESS missing). Run `diet-ray run` first."
         )
