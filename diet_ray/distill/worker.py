@@ -25,6 +25,7 @@ import torch
 from diet_ray.config import DistillConfig, derive_seed
 from diet_ray.distill.bilevel.collectives import distributed_reduce_sum, identity_reduce
 from diet_ray.distill.bilevel.distiller import ShardDistiller
+from diet_ray.distill.bilevel.objectives import OBJECTIVES
 from diet_ray.faults import fail_bilevel_step
 from diet_ray.models import build_model
 from diet_ray.models.base import CTRModel
@@ -51,12 +52,12 @@ class BilevelJob:
     temperature: float
     seed: int
     stage: int
-    save_every: int = 10
-    torch_threads: int = 1
-    fault: str = ""  # the driver's $DIET_RAY_FAULT (diet_ray.faults)
+    save_every: int
+    torch_threads: int
+    fault: str  # the driver's $DIET_RAY_FAULT (diet_ray.faults)
     # Set in Ray Train's local mode only: the loop runs in the driver, reports no progress
     # checkpoints (nothing would restart it) and writes its final shard there.
-    local_dir: Optional[str] = None
+    local_dir: Optional[str]
 
     def build_student(self, seed: int) -> CTRModel:
         return build_model(dict(self.model), self.spec, seed=seed)
@@ -112,13 +113,16 @@ def train_loop_per_worker(config: Dict[str, BilevelJob]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(int(job.torch_threads))
+    torch.set_num_threads(job.torch_threads)
     torch.manual_seed(derive_seed(job.seed, "bilevel-worker", job.stage, rank))
+    shard, trajectory = _fetch(job.shards[rank]), _fetch(job.trajectory)
+    optim_states = _fetch(job.optim_states) if job.optim_states is not None else None
     model = job.build_student(derive_seed(job.seed, "bilevel-student"))
     t0 = time.perf_counter()
     # The real batches first: their ids are part of the student's embedding rows.
     real = _worker_real_batches(job, rank, world, device)
-    distiller = _build_distiller(job, model, real, rank, world, device)
+    distiller = _build_distiller(job, model, shard, trajectory, optim_states, real, rank, world, device)
+    del trajectory, optim_states  # the student keeps only its rows of them
     start_loss = _resume(distiller, job.stage, rank)
     eval_real = real[0] if real else None
     if start_loss is None:
@@ -147,24 +151,23 @@ def _worker_real_batches(job: BilevelJob, rank: int, world: int, device) -> List
     per_rank = max(1, cfg.real_batch // world)
     seed = derive_seed(job.seed, "bilevel-real", job.stage, rank)
     real = [b.to(device) for b in _real_batches(ray.train.get_dataset_shard("real"), cfg.outer_steps + 1, per_rank,
-                                                list(job.cat_names), list(job.num_names), seed)]
-    if not real and cfg.objective in ("gradient", "scratch"):
+                                                job.cat_names, job.num_names, seed)]
+    if not real and OBJECTIVES[cfg.objective].needs_real:
         raise RuntimeError(f"stage {job.stage}: no full real batch of {per_rank} rows per worker for the {cfg.objective} objective")
     return real
 
 
-def _build_distiller(job: BilevelJob, model: CTRModel, real: List[Batch], rank: int, world: int, device) -> ShardDistiller:
-    """This rank's distiller; the expert's states are fetched here, and the student keeps only its
-    rows of them (the whole arrays go when this returns)."""
-    optim_states = _fetch(job.optim_states) if job.optim_states is not None else None
+def _build_distiller(job: BilevelJob, model: CTRModel, shard: Any, trajectory: Any, optim_states: Any, real: List[Batch],
+                     rank: int, world: int, device) -> ShardDistiller:
+    """This rank's distiller over its shard and the expert's fetched states."""
     return ShardDistiller(
         model,
-        _fetch(job.trajectory),
-        _fetch(job.shards[rank]),
+        trajectory,
+        shard,
         job.distill,
-        temperature=float(job.temperature),
-        seed=int(job.seed),
-        stage=int(job.stage),
+        temperature=job.temperature,
+        seed=job.seed,
+        stage=job.stage,
         reduce_sum=identity_reduce if world == 1 else distributed_reduce_sum,
         world_size=world,
         device=device,
@@ -193,7 +196,7 @@ def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[float]
 def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start_loss: float, rank: int) -> List[float]:
     """The remaining outer steps, reporting progress every ``save_every``; their losses."""
     cfg, stage = job.distill, job.stage
-    save_every = max(1, int(job.save_every))
+    save_every = max(1, job.save_every)
     # A worker's INFO lines go to its Ray log; in the driver (local mode) they would join the
     # console's one line per stage, so there they are DEBUG.
     progress = log.debug if job.local_dir else log.info

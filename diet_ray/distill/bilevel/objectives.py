@@ -58,6 +58,7 @@ class OuterObjective(ABC):
     """One outer loss; a subclass per ``distill.objective`` value, registered in ``OBJECTIVES``."""
 
     needs_student_factory: ClassVar[bool] = False
+    needs_real: ClassVar[bool] = False  # the loss reads real batches: a stage without one cannot run it
 
     def __init__(self, parts: ObjectiveParts):
         self.cfg, self.student, self.batches, self.loop = parts.cfg, parts.student, parts.batches, parts.loop
@@ -150,6 +151,8 @@ class TrajectoryObjective(OuterObjective):
 class GradientObjective(OuterObjective):
     """One-step gradient matching at θ_c (an ablation)."""
 
+    needs_real = True
+
     def loss(self, c: int, tensors: List[torch.Tensor], key: Tuple, real: Optional[Batch], graph_steps: int) -> Loss:
         student, batches = self.student, self.batches
         theta = {n: t.detach().clone().requires_grad_(True) for n, t in student.traj[c].items()}
@@ -171,6 +174,7 @@ class ScratchObjective(OuterObjective):
     """The real-data loss of a student trained from scratch on the memory."""
 
     needs_student_factory = True
+    needs_real = True
 
     def __init__(self, parts: ObjectiveParts):
         super().__init__(parts)

@@ -56,8 +56,9 @@ class Student:
         self.match, self.reduce_sum, self.slot_ids = match, reduce_sum, slot_ids
         # The student's embedding rows (global rows, sorted) or None for the whole table.
         self.rows, self.remap, self.support = self._select_rows(trajectory[0], real)
-        rows_np = self.held_rows()
-        self.traj: List[Params] = [{n: float_tensor(sd[n], rows_np if n == EMBEDDING else None).to(device) for n in self.names}
+        # On the host once: the expert's states and fresh students are sliced by it.
+        self._rows_np = None if self.rows is None else self.rows.cpu().numpy()
+        self.traj: List[Params] = [{n: float_tensor(sd[n], self._rows_np if n == EMBEDDING else None).to(device) for n in self.names}
                                    for sd in trajectory]
         self.slot_rows = self.rows_of(slot_ids)  # the slots' rows of the student's table
 
@@ -78,7 +79,7 @@ class Student:
 
     def held_rows(self) -> Optional[np.ndarray]:
         """The global table rows the student holds (numpy), or None for the whole table."""
-        return None if self.rows is None else self.rows.cpu().numpy()
+        return self._rows_np
 
     def local_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """[..., F, K] per-field ids -> rows of the student's table (refuses rows it lacks)."""
