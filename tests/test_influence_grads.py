@@ -139,7 +139,7 @@ def test_projection_is_an_unbiased_estimate():
     proj_cfg = dataclasses.replace(base, projection_dim=256, projection_min_params=500)
     runs = [InfluenceScorer(model, cks, ref, proj_cfg, seed=s).score(batch) for s in range(24)]
     scorer = InfluenceScorer(model, cks, ref, proj_cfg, seed=0)
-    assert set(scorer.proj.mats) == {"cross.0.weight", "mlp.0.weight"} and scorer.method == "vmap"
+    assert set(scorer.state.proj.mats) == {"cross.0.weight", "mlp.0.weight"} and scorer.state.method == "vmap"
     single = np.abs(runs[0] - exact).mean()
     assert single > 0  # really projected
     mean_err = np.abs(np.mean(runs, 0) - exact).mean()

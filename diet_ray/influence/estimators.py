@@ -1,7 +1,8 @@
 """Influence estimators: one object per estimator that says what it needs and how it scores.
 
 Callers ask the estimator (``needs_checkpoints``, ``needs_reference``, ``score``) rather than
-compare names; ``ESTIMATORS`` is the registry, and config validation reads its names.
+compare names; ``ESTIMATORS`` is the registry (its names are ``config.INFLUENCE_ESTIMATORS``,
+which a test checks).
 
 * ``tracin`` (default): sum_c lr_c * <grad l(z; theta_c), G_ref(theta_c)> over the checkpoints
   c = 1..K of the stage (lr_c: learning rate of the segment ending at c). Higher = a gradient
@@ -11,30 +12,20 @@ compare names; ``ESTIMATORS`` is the registry, and config validation reads its n
 * ``random``: uniform [0, 1) from a hash of (seed, row id) or of the row's content, so a row
   gets the same score however the stage is split into batches or actors.
 
-This module imports nothing of ``diet_ray.config`` (whose validation imports it).
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Mapping, Optional, Protocol
+from typing import ClassVar, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from diet_ray.influence import grads as G
+from diet_ray.influence.projection import DenseProjection
 from diet_ray.models.base import CTRModel
 from diet_ray.schema import Batch
-
-
-class Projection(Protocol):
-    """What the estimators read of ``diet_ray.influence.projection.DenseProjection``."""
-
-    mats: Mapping[str, torch.Tensor]
-
-    def __contains__(self, name: str) -> bool: ...
-
-    def project(self, name: str, g: torch.Tensor, batched: bool = True) -> torch.Tensor: ...
 
 
 @dataclass
@@ -54,7 +45,7 @@ class ScoringState:
     model: CTRModel
     buffers: G.Params
     terms: List[CheckpointTerm]
-    proj: Optional[Projection]
+    proj: Optional[DenseProjection]
     method: str  # TracIn's kernel: "jvp" or "vmap"
     micro_batch: int  # rows per kernel call (bounds memory)
     dtype: torch.dtype
@@ -146,7 +137,7 @@ def tracin_jvp(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], 
     return out
 
 
-def tracin_vmap(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch, proj: Optional[Projection]) -> torch.Tensor:
+def tracin_vmap(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch, proj: Optional[DenseProjection]) -> torch.Tensor:
     """TracIn from explicit per-sample gradients; projected parameters contribute <P g, P G_ref>."""
     out = torch.zeros(len(batch), dtype=batch.label.dtype, device=batch.label.device)
     for t in terms:
@@ -160,7 +151,7 @@ def tracin_vmap(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm],
     return out
 
 
-def grad_norm(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch, proj: Optional[Projection]) -> torch.Tensor:
+def grad_norm(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], batch: Batch, proj: Optional[DenseProjection]) -> torch.Tensor:
     out = torch.zeros(len(batch), dtype=batch.label.dtype, device=batch.label.device)
     for t in terms:
         gd, gr, _ = G.per_sample_grads(model, t.params, buffers, batch)

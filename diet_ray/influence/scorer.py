@@ -94,10 +94,13 @@ def checkpoint_reference_gradient(model: CTRModel, params: Dict[str, np.ndarray]
 
 
 def prepare_checkpoints(model: CTRModel, checkpoints: Sequence[CheckpointLike], ref: Optional[Batch], cfg: InfluenceConfig) -> PreparedCheckpoints:
-    """Parameters per checkpoint, and G_ref per checkpoint where the estimator needs it (computed
-    once per stage)."""
+    """Parameters per checkpoint where the estimator needs them, and G_ref per checkpoint where
+    it needs that too (computed once per stage)."""
+    estimator = E.get_estimator(cfg.estimator)
+    if not estimator.needs_checkpoints:
+        return PreparedCheckpoints([], [], None)
     states = checkpoint_states(model, checkpoints, cfg.checkpoints)
-    if not E.get_estimator(cfg.estimator).needs_reference:
+    if not estimator.needs_reference:
         return states
     grefs = [checkpoint_reference_gradient(model, ps, ref, cfg) for ps in states.params]
     return PreparedCheckpoints(states.lrs, states.params, grefs)
@@ -122,9 +125,7 @@ class InfluenceScorer:
         method: str = "auto",
     ):
         model = model.to(device)
-        needs = E.get_estimator(cfg.estimator).needs_checkpoints
-        prepared = prepare_checkpoints(model, checkpoints, ref, cfg) if needs else PreparedCheckpoints([], [], None)
-        self._setup(model, prepared, cfg, seed, device, method)
+        self._setup(model, prepare_checkpoints(model, checkpoints, ref, cfg), cfg, seed, device, method)
 
     @classmethod
     def from_prepared(cls, model: CTRModel, prepared: PreparedCheckpoints, cfg: InfluenceConfig, seed: int, device: str = "cpu", method: str = "auto") -> "InfluenceScorer":
@@ -160,14 +161,6 @@ class InfluenceScorer:
             micro_batch=cfg.micro_batch, dtype=dtype, device=dev,
             row_seed=derive_seed(seed, "influence", "random"),
         )
-
-    @property
-    def proj(self) -> Optional[DenseProjection]:
-        return self.state.proj  # type: ignore[return-value]
-
-    @property
-    def method(self) -> str:
-        return self.state.method
 
     def score(self, batch: Batch, row_ids: Optional[np.ndarray] = None) -> np.ndarray:
         """[B] float64 scores. ``row_ids`` (optional) seeds the ``random`` estimator per row;
