@@ -23,6 +23,7 @@ from diet_ray.data import fs
 SUCCESS = "_SUCCESS"
 RESULTS_FILE = "results.jsonl"
 FEATURE_MAP_FILE = "feature_map.json"
+PREPARE_STATS_FILE = "prepare_stats.json"
 
 
 _STAGE_NAME = re.compile(r"^stage=(\d+)$")
@@ -57,6 +58,10 @@ def prepared_stage_dir(prepared: str, stage: int) -> str:
 
 def feature_map_path(run_dir: str) -> str:
     return fs.join(prepared_dir(run_dir), FEATURE_MAP_FILE)
+
+
+def prepare_stats_path(run_dir: str) -> str:
+    return fs.join(prepared_dir(run_dir), PREPARE_STATS_FILE)
 
 
 def is_prepared(run_dir: str) -> bool:

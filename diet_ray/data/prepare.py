@@ -23,7 +23,8 @@ from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField
 from diet_ray.data.ingest import Ingest, ReadStats
 from diet_ray.data.vocab import finalize
 from diet_ray.errors import ConfigError, DataError
-from diet_ray.layout import FEATURE_MAP_FILE, SUCCESS, prepared_dir, prepared_stage_dir
+from diet_ray.layout import (FEATURE_MAP_FILE, PREPARE_STATS_FILE, SUCCESS, feature_map_path, is_prepared, prepare_stats_path,
+                             prepared_dir, prepared_stage_dir)
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,6 @@ def _hash_rows(ts: np.ndarray, label: np.ndarray, codes: List[np.ndarray], num: 
 # ------------------------------------------------------------------------------------ output
 
 
-def prepared_paths(run_dir: str) -> Dict[str, str]:
-    root = prepared_dir(run_dir)
-    return {"root": root, "success": fs.join(root, SUCCESS), "fmap": fs.join(root, FEATURE_MAP_FILE),
-            "stats": fs.join(root, "prepare_stats.json")}
-
-
 def _write_rejects(uri: str, rejects: List[pa.Table]) -> None:
     if rejects:
         table = pa.concat_tables(rejects)
@@ -116,12 +111,12 @@ def prepare_into(cfg: Config, run_dir: str) -> Dict[str, Any]:
     the stats. ``diet_ray.run_dir.prepare`` / ``ensure_prepared`` open the run dir first."""
     t0 = time.perf_counter()
     dc = cfg.data
-    paths = prepared_paths(run_dir)
-    if fs.exists(paths["success"]) and fs.exists(paths["fmap"]):
-        fmap = FeatureMap.load(paths["fmap"])
-        if fmap.source == dc.source and fs.exists(paths["stats"]):
-            stats = fs.read_json(paths["stats"])
-            log.info("prepare: reusing %s (%d rows, %d stages)", paths["root"], stats["rows_accepted"], fmap.num_stages)
+    root, fmap_path, stats_path = prepared_dir(run_dir), feature_map_path(run_dir), prepare_stats_path(run_dir)
+    if is_prepared(run_dir) and fs.exists(fmap_path):
+        fmap = FeatureMap.load(fmap_path)
+        if fmap.source == dc.source and fs.exists(stats_path):
+            stats = fs.read_json(stats_path)
+            log.info("prepare: reusing %s (%d rows, %d stages)", root, stats["rows_accepted"], fmap.num_stages)
             return {**stats, "reused": True}
 
     prep = Ingest(cfg)
@@ -212,13 +207,13 @@ def prepare_into(cfg: Config, run_dir: str) -> Dict[str, Any]:
         "rows_per_s": round(st.rows_in / wall, 1) if wall > 0 else None,
     }
     assert stats["rows_in"] == stats["rows_accepted"] + stats["rows_rejected"]
-    fs.write_json_atomic(fs.join(tmp, "prepare_stats.json"), stats)
-    if fs.exists(paths["root"]):
-        fs.remove(paths["root"])  # an earlier, incomplete or differently-sourced prepare
-    fs.rename_dir(tmp, paths["root"])
-    fs.write_bytes_atomic(paths["success"], b"")
+    fs.write_json_atomic(fs.join(tmp, PREPARE_STATS_FILE), stats)
+    if fs.exists(root):
+        fs.remove(root)  # an earlier, incomplete or differently-sourced prepare
+    fs.rename_dir(tmp, root)
+    fs.write_bytes_atomic(fs.join(root, SUCCESS), b"")
     log.info(
         "prepare: %d rows in, %d accepted, %d rejected, %d stages -> %s (%.1fs)",
-        st.rows_in, n, rejected, num_stages, paths["root"], wall,
+        st.rows_in, n, rejected, num_stages, root, wall,
     )
     return stats

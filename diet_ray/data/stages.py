@@ -13,7 +13,7 @@ import pyarrow as pa
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.errors import DataError
-from diet_ray.layout import FEATURE_MAP_FILE, prepared_dir, prepared_stage_dir
+from diet_ray.layout import feature_map_path, prepared_dir, prepared_stage_dir
 
 
 # Ray Data 2.60's Parquet reader (datasource V2) starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS
@@ -96,7 +96,7 @@ class StageStore:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.root = prepared_dir(run_dir)
-        self.fmap = FeatureMap.load(fs.join(self.root, FEATURE_MAP_FILE))
+        self.fmap = FeatureMap.load(feature_map_path(run_dir))
 
     @property
     def num_stages(self) -> int:

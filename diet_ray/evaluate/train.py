@@ -17,10 +17,9 @@ import torch
 from diet_ray.config import TrainConfig
 from diet_ray.evaluate import metrics
 from diet_ray.models.base import CTRModel, weighted_bce
-from diet_ray.schema import InputSpec
-from diet_ray.schema import Batch
 from diet_ray.models.optim import make_optimizer as build_optimizer
 from diet_ray.models.registry import build_model, train_config_for
+from diet_ray.schema import Batch, InputSpec
 
 log = logging.getLogger(__name__)
 
