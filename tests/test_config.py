@@ -163,3 +163,9 @@ def test_the_configs_strategy_names_are_the_registries():
 
     assert tuple(ESTIMATORS) == C.INFLUENCE_ESTIMATORS
     assert sorted(ROW_SELECTIONS) == sorted(C.MEMORY_INITS)
+
+
+def test_the_fidelity_variant_names_are_the_benchs_registry():
+    from diet_ray.bench.fidelity_variants import VARIANTS
+
+    assert sorted(VARIANTS) == sorted(C.FIDELITY_VARIANTS)
