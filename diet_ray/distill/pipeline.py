@@ -103,12 +103,12 @@ def _restore_results_lines(run_dir: str, last: int) -> None:
                               for t in missing])
 
 
-def _start_run(cfg: Config, run_dir: str, store: StageStore, last: int) -> steps.RunParts:
+def _start_run(cfg: Config, chash: str, run_dir: str, store: StageStore, last: int) -> steps.RunParts:
     """Ray is up: resolve the run's config once, check the resumed stages' expert checkpoints,
     count their ids, and create the scoring actors' pool where actors score."""
     par = parallelism.resolve(cfg)  # once per run, now that Ray is up
     log.debug("stages run with %s", par.describe())
-    chash, cfg = config_hash(cfg), stages_config(cfg, par)
+    cfg = stages_config(cfg, par)
     fmap = store.fmap
     expert = StreamExpert.from_config(cfg, fmap, run_dir)
     id_freq = [np.zeros(c.vocab_size, np.int64) for c in fmap.categorical]
@@ -136,7 +136,8 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     t_run = time.perf_counter()
     run_dir = ensure_prepared(cfg)
     store = StageStore(run_dir)
-    last = last_committed_stage(run_dir, config_hash(cfg))
+    chash = config_hash(cfg)  # of the config as given: each commit records it
+    last = last_committed_stage(run_dir, chash)
     todo = list(range(last + 1, store.num_stages))
     summary: Dict[str, Any] = {"run_dir": run_dir, "stages": store.num_stages, "resumed": last >= 0,
                                "resumed_after": last, "new_stages": todo, "per_stage": []}
@@ -150,7 +151,7 @@ def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
 
     init_ray(cfg.ray, verbose)
     memory: Optional[SlotMemory] = load_stage_memory(run_dir, last) if last >= 0 else None
-    parts = _start_run(cfg, run_dir, store, last)
+    parts = _start_run(cfg, chash, run_dir, store, last)
     summary["parallelism"] = {"num_workers": parts.par.num_workers, "num_actors": parts.par.num_actors, "reason": parts.par.reason}
     try:
         with logging_redirect_tqdm():
