@@ -7,7 +7,7 @@ gradients, i.e. exactly the single-process gradient.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,9 @@ class MemoryBatches:
         g2l = np.full(self.total, -1, dtype=np.int64)
         g2l[shard_index] = np.arange(len(shard_index))
         self.g2l = torch.as_tensor(g2l, device=student.device)
+        # The local slots of the last unroll's keys: step_rows draws them, the unroll's steps reuse
+        # them (a draw is a pure function of its key; randperm over the memory costs O(total)).
+        self._drawn: Dict[Tuple, torch.Tensor] = {}
 
     def global_indices(self, key: Tuple) -> torch.Tensor:
         """The memory positions of the global minibatch for ``key``: the same on every rank."""
@@ -43,6 +46,9 @@ class MemoryBatches:
         return torch.randperm(self.total, generator=gen)[:size]
 
     def local_slots(self, key: Tuple) -> torch.Tensor:
+        drawn = self._drawn.get(key)
+        if drawn is not None:
+            return drawn
         local = self.g2l[self.global_indices(key).to(self.student.device)]
         return local[local >= 0]
 
@@ -65,8 +71,11 @@ class MemoryBatches:
         if rows_all is None:
             return None
         mask = torch.zeros(len(rows_all), device=self.student.device)
-        for k in range(n_steps):
-            mask[self.student.slot_rows[self.local_slots((*key, k))].reshape(-1)] = 1.0  # type: ignore[index]
+        self._drawn = {}
+        drawn = {(*key, k): self.local_slots((*key, k)) for k in range(n_steps)}
+        for local in drawn.values():
+            mask[self.student.slot_rows[local].reshape(-1)] = 1.0  # type: ignore[index]
+        self._drawn = drawn
         if real is not None and len(real):
             mask[self.student.local_rows(real.ids).reshape(-1)] = 1.0
         rows = torch.nonzero(self.reduce_sum(mask) > 0).squeeze(1)
