@@ -198,7 +198,7 @@ def _gather(result, memory: SlotMemory, assignment, refine_idx, stage: int, stor
             shard = ShardUpdate.from_state(torch.load(path, map_location="cpu", weights_only=True))
             if not np.array_equal(shard.index, assignment[rank]):
                 raise RunStateError(f"{path}: shard {rank} holds other slots than assigned; the checkpoint is from another attempt")
-            updated = shard.apply_to(updated)
+            shard.write_into(updated)
     updated.updated_stage[refine_idx] = stage
     metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
         "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s",

@@ -64,12 +64,17 @@ class ShardUpdate:
     def apply_to(self, memory: SlotMemory) -> SlotMemory:
         """A copy of ``memory`` with these positions' learnable tensors overwritten."""
         out = memory.detached()
-        i = torch.as_tensor(self.index, dtype=torch.long)
-        out.logits[i] = self.logits.detach().cpu()
-        out.numeric[i] = self.numeric.detach().cpu()
-        out.label_logit[i] = self.label_logit.detach().cpu()
-        out.weight_param[i] = self.weight_param.detach().cpu()
+        self.write_into(out)
         return out
+
+    def write_into(self, memory: SlotMemory) -> None:
+        """Overwrite these positions' learnable tensors of ``memory`` in place (a gather of W
+        shards into one copy, not W copies)."""
+        i = torch.as_tensor(self.index, dtype=torch.long)
+        memory.logits[i] = self.logits.detach().cpu()
+        memory.numeric[i] = self.numeric.detach().cpu()
+        memory.label_logit[i] = self.label_logit.detach().cpu()
+        memory.weight_param[i] = self.weight_param.detach().cpu()
 
     def to_state(self) -> Dict[str, torch.Tensor]:
         """Tensors only, for ``torch.save`` (read back with ``weights_only=True``)."""
