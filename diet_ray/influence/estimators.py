@@ -22,6 +22,7 @@ from typing import ClassVar, Dict, List, Optional
 import numpy as np
 import torch
 
+from diet_ray.hashing import splitmix64, unit_float
 from diet_ray.influence import grads as G
 from diet_ray.influence.projection import DenseProjection
 from diet_ray.models.base import CTRModel
@@ -172,18 +173,6 @@ def mean_loss(model: CTRModel, buffers: G.Params, terms: List[CheckpointTerm], b
     return out / max(1, len(terms))
 
 
-_M = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser, vectorised over uint64."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M
-        return x ^ (x >> np.uint64(31))
-
-
 def random_scores(batch: Batch, seed: int, row_ids: Optional[np.ndarray] = None) -> np.ndarray:
     h = np.full(len(batch), np.uint64(seed), dtype=np.uint64)
     if row_ids is not None:
@@ -195,5 +184,5 @@ def random_scores(batch: Batch, seed: int, row_ids: Optional[np.ndarray] = None)
                 a = t.detach().cpu().to(torch.float64).reshape(len(batch), -1).numpy()
                 cols += list(a.view(np.int64).T)
     for c in cols:
-        h = _mix(h ^ c.astype(np.uint64))
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        h = splitmix64(h ^ c.astype(np.uint64))
+    return unit_float(h)

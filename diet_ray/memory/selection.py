@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 from diet_ray.config import derive_seed
+from diet_ray.hashing import uniform_hash
 from diet_ray.data.stages import EncodedRows
 
 log = logging.getLogger(__name__)
@@ -131,17 +132,6 @@ def topk_numpy(scores: np.ndarray, labels: np.ndarray, k_per_label: Dict[int, in
         order = np.lexsort((tb[idx], -scores[idx]))[: int(k)]
         out.append(idx[order])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-
-
-def uniform_hash(row_id: np.ndarray, seed: int) -> np.ndarray:
-    """A deterministic uniform [0, 1) per row id (splitmix64 of row_id xor seed)."""
-    with np.errstate(over="ignore"):
-        z = np.asarray(row_id, dtype=np.uint64) ^ np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF)
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 def passes_filter(scores: np.ndarray) -> np.ndarray:
