@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import numpy as np
 
 from diet_ray.config import derive_seed
-from diet_ray.hashing import uniform_hash
 from diet_ray.data.stages import EncodedRows
+from diet_ray.hashing import uniform_hash
 
 log = logging.getLogger(__name__)
 

@@ -71,11 +71,9 @@ class MemoryBatches:
         if rows_all is None:
             return None
         mask = torch.zeros(len(rows_all), device=self.student.device)
-        self._drawn = {}
-        drawn = {(*key, k): self.local_slots((*key, k)) for k in range(n_steps)}
-        for local in drawn.values():
+        self._drawn = {(*key, k): self.local_slots((*key, k)) for k in range(n_steps)}
+        for local in self._drawn.values():
             mask[self.student.slot_rows[local].reshape(-1)] = 1.0  # type: ignore[index]
-        self._drawn = drawn
         if real is not None and len(real):
             mask[self.student.local_rows(real.ids).reshape(-1)] = 1.0
         rows = torch.nonzero(self.reduce_sum(mask) > 0).squeeze(1)
