@@ -123,7 +123,7 @@ def committed_stages(run_dir: str) -> List[int]:
     out = []
     for entry in fsys.ls(path, detail=False):
         t = stage_of(entry.rstrip("/").rsplit("/", 1)[-1])
-        if t is not None and fsys.exists(f"{entry.rstrip('/')}/{SUCCESS}"):
+        if t is not None and is_committed(run_dir, t):
             out.append(t)
     return sorted(out)
 
