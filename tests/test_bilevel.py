@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -437,6 +438,9 @@ def _rank_main(rank: int, out: str) -> None:
         dist.barrier()  # neither rank tears down gloo while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
+    # Skip interpreter teardown once the results are saved: it aborts about 1 run in 20 after
+    # destroy_process_group ('terminate called without an active exception', no Python frame).
+    os._exit(0)
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
