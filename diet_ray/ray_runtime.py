@@ -45,6 +45,9 @@ def init_ray(cfg: RayConfig, verbose: bool = False) -> None:
     else:
         # Local development: nothing listens beyond loopback; the dashboard is off (0.9 GB RSS).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # No dashboard reads the metrics, and a worker's metrics thread once segfaulted
+        # (OpenTelemetry buildMetrics, Ray 2.60), killing a Ray Data read with it.
+        os.environ.setdefault("RAY_enable_metrics_collection", "0")
         with loopback_only(), (drop_level_notice() if quiet else contextlib.nullcontext()):
             ray.init(
                 num_cpus=cfg.num_cpus,
