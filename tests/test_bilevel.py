@@ -321,25 +321,6 @@ def test_frozen_slots_do_not_change():
     assert moved > 0
 
 
-def test_outer_lr_by_reach_scales_the_slots_step_and_not_the_inner_lr():
-    """24 slots, minibatches of 8, 2 unrolled steps: an outer step reaches 1 - (2/3)^2 = 5/9 of the
-    slots, so the slots' first Adam step (lr * sign(g)) grows by sqrt(9/5); the shared inner lr's does not."""
-    base = dataclasses.replace(EXPERT_CFG, learn_inner_lr=True)
-    moves = {}
-    for on in (False, True):
-        d, mem, real = distiller(dataclasses.replace(base, outer_lr_by_reach=on))
-        lr0 = d.loop.log_lr.detach().clone()
-        d.outer_step(real)
-        moves[on] = (d.update().logits - mem.logits, d.loop.log_lr.detach() - lr0)
-    assert d.batches.reach(base.unroll) == pytest.approx(5 / 9)
-    assert d.slot_lr == pytest.approx(base.outer_lr * (9 / 5) ** 0.5)
-    (off, lr_off), (on, lr_on) = moves[False], moves[True]
-    moved = off.abs() > 1e-3 * base.outer_lr
-    assert moved.sum() > 0
-    torch.testing.assert_close(on[moved], off[moved] * (9 / 5) ** 0.5, rtol=1e-3, atol=1e-6)
-    torch.testing.assert_close(lr_on, lr_off)
-
-
 def test_learn_labels_false_keeps_labels_and_still_moves_supports():
     learn = np.arange(24)
     d, mem, real = distiller(dataclasses.replace(EXPERT_CFG, learn_labels=False), learn=learn)

@@ -194,10 +194,6 @@ class DistillConfig:
     # 0.2 (was 0.05): support and label logits start saturated at +-memory.init_logit and need
     # larger moves (docs/method.md, "The bi-level step").
     outer_lr: float = 0.2
-    # Scale the slots' outer lr by 1/sqrt(reach), reach = the share of slots one outer step's
-    # gradient touches (its last `unroll` memory minibatches): Adam moves a slot drawn at rate p
-    # about sqrt(p) as far, so large memories were under-optimised (docs/results.md).
-    outer_lr_by_reach: bool = False
     # Most inner steps per outer step; with inner_optimizer=expert the student takes
     # min(inner_steps, the expert's optimiser steps in the segment).
     inner_steps: int = 10

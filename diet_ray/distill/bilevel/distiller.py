@@ -82,11 +82,7 @@ class ShardDistiller:
         self.base = [t.detach().to(self.device).clone() for t in (shard.logits, shard.numeric, shard.label_logit, shard.weight_param)]
         self.learn_pos = torch.as_tensor(np.flatnonzero(shard.learn), dtype=torch.long, device=self.device)
         self.leaves = [b[self.learn_pos].clone().requires_grad_(True) for b in self.base]
-        self.slot_lr = cfg.outer_lr / (np.sqrt(self.batches.reach(cfg.unroll)) if cfg.outer_lr_by_reach else 1.0)
-        groups = [{"params": list(self.leaves), "lr": self.slot_lr}]
-        if self.loop.log_lr is not None:
-            groups.append({"params": [self.loop.log_lr], "lr": cfg.outer_lr})
-        self.opt = torch.optim.Adam(groups)
+        self.opt = torch.optim.Adam(self._outer_params(), lr=cfg.outer_lr)
         self.step = 0
 
     def _outer_params(self) -> List[torch.Tensor]:

@@ -45,11 +45,6 @@ class MemoryBatches:
         size = min(self.memory_batch, self.total)
         return torch.randperm(self.total, generator=gen)[:size]
 
-    def reach(self, n_steps: int) -> float:
-        """The chance that a given slot is in at least one of ``n_steps`` independent minibatches."""
-        share = min(self.memory_batch, self.total) / max(self.total, 1)
-        return 1.0 - (1.0 - share) ** int(n_steps)
-
     def local_slots(self, key: Tuple) -> torch.Tensor:
         drawn = self._drawn.get(key)
         if drawn is not None:
