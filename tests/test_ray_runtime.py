@@ -37,6 +37,17 @@ def test_the_session_runtime_passes_the_watcher_switch_to_its_actors(ray_local):
     assert ray.get(seen.remote()) == os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
+@pytest.mark.ray
+def test_the_local_runtime_collects_no_metrics(ray_local):
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def seen():
+        return os.environ.get("RAY_enable_metrics_collection")
+
+    assert ray.get(seen.remote()) == "0"  # its workers start no metrics exporter thread
+
+
 def test_cpu_share_leaves_a_cpu_for_ray_data(monkeypatch):
     monkeypatch.setattr(ray_runtime, "cluster_cpus", lambda: 2.0)
     assert ray_runtime.cpu_share(2) == 0.5
