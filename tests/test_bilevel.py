@@ -331,6 +331,19 @@ def test_learn_labels_false_keeps_labels_and_still_moves_supports():
     assert (new.logits - mem.logits).abs().sum() > 0 and (new.weight_param - mem.weight_param).abs().sum() > 0
 
 
+def test_learn_numeric_false_keeps_numeric_features_and_still_moves_supports():
+    d, mem, real = distiller(dataclasses.replace(EXPERT_CFG, learn_numeric=False), learn=np.arange(24))
+    for _ in range(5):
+        d.outer_step(real)
+    new = d.update().apply_to(mem)
+    assert mem.numeric.numel() > 0 and torch.equal(new.numeric, mem.numeric)
+    assert (new.logits - mem.logits).abs().sum() > 0
+    d, mem, real = distiller(EXPERT_CFG, learn=np.arange(24))
+    for _ in range(5):
+        d.outer_step(real)
+    assert (d.update().numeric - mem.numeric).abs().sum() > 0  # learnt by default
+
+
 @pytest.mark.parametrize("base", [CFG, EXPERT_CFG], ids=["sgd", "expert"])
 def test_truncation_only_last_unroll_steps_carry_gradient(base):
     """A slot drawn in an early inner step but not in the last one gets gradient only when the

@@ -31,7 +31,7 @@ from diet_ray.memory.shards import ShardUpdate, SlotShard
 from diet_ray.models.base import CTRModel
 from diet_ray.schema import Batch
 
-LABEL_LEAF, WEIGHT_LEAF = 2, 3  # positions in the leaves [logits, numeric, label_logit, weight_param]
+NUMERIC_LEAF, LABEL_LEAF, WEIGHT_LEAF = 1, 2, 3  # positions in the leaves [logits, numeric, label_logit, weight_param]
 
 
 class ShardDistiller:
@@ -133,6 +133,8 @@ class ShardDistiller:
             grads[LABEL_LEAF] = torch.zeros_like(grads[LABEL_LEAF])
         if not self.cfg.learn_weights:
             grads[WEIGHT_LEAF] = torch.zeros_like(grads[WEIGHT_LEAF])
+        if not self.cfg.learn_numeric:
+            grads[NUMERIC_LEAF] = torch.zeros_like(grads[NUMERIC_LEAF])
         if self.loop.log_lr is not None:
             # Shared across ranks: each rank only has its copy's partial derivative.
             grads[-1] = self.reduce_sum(grads[-1].reshape(1)).reshape(()).detach()
