@@ -45,7 +45,8 @@ def test_the_local_runtime_collects_no_metrics(ray_local):
     def seen():
         return os.environ.get("RAY_enable_metrics_collection")
 
-    assert ray.get(seen.remote()) == "0"  # its workers start no metrics exporter thread
+    # The local runtime turns it off (CI sets nothing else): no metrics exporter thread.
+    assert ray.get(seen.remote()) == os.environ["RAY_enable_metrics_collection"] == "0"
 
 
 def test_cpu_share_leaves_a_cpu_for_ray_data(monkeypatch):

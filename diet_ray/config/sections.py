@@ -208,7 +208,8 @@ class DistillConfig:
     learn_labels: Optional[bool] = None
     # Slot weights as outer variables. False: unit weights (re-set at the stage start, not learnt).
     learn_weights: bool = True
-    # Slot numeric features as outer variables. False: they keep their rows' values.
+    # Slot numeric features as outer variables. False (an ablation flag): they keep their rows'
+    # values; the synthetic stream's bi-level gain lies here (docs/results.md, "numfix").
     learn_numeric: bool = True
     memory_batch: int = 256
     real_batch: int = 1024
