@@ -84,6 +84,10 @@ class ShardDistiller:
         self.leaves = [b[self.learn_pos].clone().requires_grad_(True) for b in self.base]
         self.opt = torch.optim.Adam(self._outer_params(), lr=cfg.outer_lr)
         self.step = 0
+        # Leaves held fixed: a zero gradient, so Adam never moves them. learn_labels None =
+        # learnt (the pipeline resolves it per stage).
+        learnt = {LABEL_LEAF: cfg.learn_labels is not False, WEIGHT_LEAF: cfg.learn_weights, NUMERIC_LEAF: cfg.learn_numeric}
+        self.frozen_leaves = [pos for pos, on in learnt.items() if not on]
 
     def _outer_params(self) -> List[torch.Tensor]:
         """The outer variables: this rank's addressed slot rows, then the inner log-lr when learnt."""
@@ -127,14 +131,8 @@ class ShardDistiller:
             grads = [g.detach() for g in torch.autograd.grad(total, params, allow_unused=True, materialize_grads=True)]
         else:
             grads = [torch.zeros_like(p) for p in params]
-        # A frozen variable gets a zero gradient, so Adam never moves it. learn_labels None =
-        # learnt (the pipeline resolves it per stage).
-        if self.cfg.learn_labels is False:
-            grads[LABEL_LEAF] = torch.zeros_like(grads[LABEL_LEAF])
-        if not self.cfg.learn_weights:
-            grads[WEIGHT_LEAF] = torch.zeros_like(grads[WEIGHT_LEAF])
-        if not self.cfg.learn_numeric:
-            grads[NUMERIC_LEAF] = torch.zeros_like(grads[NUMERIC_LEAF])
+        for pos in self.frozen_leaves:
+            grads[pos] = torch.zeros_like(grads[pos])
         if self.loop.log_lr is not None:
             # Shared across ranks: each rank only has its copy's partial derivative.
             grads[-1] = self.reduce_sum(grads[-1].reshape(1)).reshape(()).detach()
