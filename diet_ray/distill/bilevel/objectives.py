@@ -81,54 +81,78 @@ class TrajectoryObjective(OuterObjective):
         super().__init__(parts)
         self.match = self.student.support_weights()  # per-parameter 0/1 weights of the distance
         self._baseline_dist: Dict[int, torch.Tensor] = {}  # segment -> matched ||θ_b - θ_{c+1}||² per embedding row
-        self._baseline_norm: Dict[int, torch.Tensor] = {}  # segment -> matched ||θ_b - θ_{c+1}||² (all parameters)
+        self._baseline_norm: Dict[int, torch.Tensor] = {}  # segment -> matched ||θ_b - θ_{c+1}||², [embedding, dense]
 
     def loss(self, c: int, tensors: List[torch.Tensor], key: Tuple, real: Optional[Batch], graph_steps: int) -> Loss:
         real_counts = real if self.cfg.real_loss_weight != 0 else None
         view = self.batches.step_rows(key, self.loop.segment_steps(c)[0], real_counts)
         theta_n = self.loop.unroll(c, tensors, key, graph_steps, view)
         target = self.student.traj[c + 1]
-        dist = self.distance(theta_n, target) if view is None else self._view_distance(c, theta_n, view)
-        shared = dist / self.baseline_distance(c).clamp_min(1e-12)
+        parts = self.group_distance(theta_n, target) if view is None else self._view_distance(c, theta_n, view)
+        shared = self.normalised(parts, self.baseline_groups(c))
         real_loss = self._real_loss(theta_n, real, view)
         # Each rank's real term is one of W equal shards: the global real loss is their mean.
         local = real_loss * (self.cfg.real_loss_weight / self.world) if real_loss is not None else None
         return shared, local
 
-    def distance(self, a: Params, b: Params) -> torch.Tensor:
-        """Σ over matched parameters of ||a - b||²."""
-        total = None
+    def normalised(self, parts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """[embedding, dense] distances over their baseline's, weighed as ``distill.distance`` says."""
+        mode = self.cfg.distance
+        if mode == "pooled":
+            return parts.sum() / base.sum().clamp_min(1e-12)
+        groups = [0] if mode == "embedding" else [g for g in (0, 1) if float(base[g]) > 0]
+        if not groups or float(base[groups[0]]) <= 0:
+            raise ValueError("distill.distance=embedding needs matched embedding rows that the expert moves")
+        return sum(parts[g] / base[g] for g in groups) / len(groups)  # type: ignore[return-value]
+
+    def group_distance(self, a: Params, b: Params) -> torch.Tensor:
+        """[Σ over the matched embedding rows, Σ over the dense parameters] of ||a - b||²."""
+        emb, dense = a[self.student.names[0]].new_zeros(()), a[self.student.names[0]].new_zeros(())
         for n in self.student.names:
             d = (a[n] - b[n]) ** 2
             w = self.match.get(n)
             d = (d * w).sum() if w is not None else d.sum()
-            total = d if total is None else total + d
-        return total  # type: ignore[return-value]
+            if n == EMBEDDING:
+                emb = emb + d
+            else:
+                dense = dense + d
+        return torch.stack([emb, dense])
+
+    def distance(self, a: Params, b: Params) -> torch.Tensor:
+        """Σ over matched parameters of ||a - b||²."""
+        return self.group_distance(a, b).sum()
 
     def _view_distance(self, c: int, theta_n: Params, view: StepRows) -> torch.Tensor:
-        """Σ over matched parameters of ||θ_N - θ_{c+1}||², θ_N's table holding only ``view``'s
-        rows: every other row is where the baseline ends, so its share is the baseline's."""
+        """``group_distance(θ_N, θ_{c+1})``, θ_N's table holding only ``view``'s rows: every
+        other row is where the baseline ends, so its share is the baseline's."""
         traj = self.student.traj
         if c not in self._baseline_dist:
             d = (self.loop.baseline(c)[EMBEDDING] - traj[c + 1][EMBEDDING]).double() ** 2
             self._baseline_dist[c] = (d * self.match[EMBEDDING].double()).sum(1)  # per row
         target = self.student.restrict(traj[c + 1], view)
-        rest = self._baseline_dist[c].sum() - self._baseline_dist[c][view.rows].sum()
-        total = rest.to(torch.float32)
+        rest = (self._baseline_dist[c].sum() - self._baseline_dist[c][view.rows].sum()).to(torch.float32)
+        emb, dense = rest, rest.new_zeros(())
         for n in self.student.names:
             d = (theta_n[n] - target[n]) ** 2
             w = self.match.get(n)
             if w is not None:
                 d = d * (w[view.rows] if n == EMBEDDING else w)
-            total = total + d.sum()
-        return total
+            if n == EMBEDDING:
+                emb = emb + d.sum()
+            else:
+                dense = dense + d.sum()
+        return torch.stack([emb, dense])
+
+    def baseline_groups(self, c: int) -> torch.Tensor:
+        """``group_distance(θ_b, θ_{c+1})``, the loss's normaliser: fixed per segment (the
+        baseline is detached), so computed once instead of at every outer step."""
+        if c not in self._baseline_norm:
+            self._baseline_norm[c] = self.group_distance(self.loop.baseline(c), self.student.traj[c + 1]).detach()
+        return self._baseline_norm[c]
 
     def baseline_distance(self, c: int) -> torch.Tensor:
-        """||θ_b - θ_{c+1}||² over matched parameters, the loss's normaliser: fixed per segment
-        (the baseline is detached), so computed once instead of at every outer step."""
-        if c not in self._baseline_norm:
-            self._baseline_norm[c] = self.distance(self.loop.baseline(c), self.student.traj[c + 1])
-        return self._baseline_norm[c]
+        """||θ_b - θ_{c+1}||² over matched parameters."""
+        return self.baseline_groups(c).sum()
 
     def momentum_share(self) -> float:
         """Mean over segments of ||θ_b - θ_{c+1}||² / ||θ_c - θ_{c+1}||²: how far the no-data
