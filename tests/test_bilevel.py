@@ -279,11 +279,11 @@ def test_reachable_match_ignores_rows_no_slot_can_move():
     assert float(d_all.objective.distance(a, b)) > 0.0
 
 
-def test_distance_modes_weigh_embedding_and_dense_parts_as_documented():
-    """pooled = (e + d) / (b_e + b_d); embedding = e / b_e; balanced = (e / b_e + d / b_d) / 2,
-    for one segment's unroll (the same minibatches in every mode), and each mode still trains."""
+def test_distance_modes_weigh_the_embedding_and_dense_parts_as_documented():
+    """balanced = (e / b_e + d / b_d) / 2 and pooled = (e + d) / (b_e + b_d), for one segment's
+    unroll (the same minibatches in both), and each mode trains."""
     cfg = dataclasses.replace(EXPERT_CFG, real_loss_weight=0.0)
-    for mode in ("embedding", "balanced"):
+    for mode in ("pooled", "balanced"):
         d, _, real = distiller(dataclasses.replace(cfg, distance=mode))
         before = d.evaluate(real)
         for _ in range(cfg.outer_steps):
@@ -295,14 +295,13 @@ def test_distance_modes_weigh_embedding_and_dense_parts_as_documented():
     theta = d.loop.unroll(1, d.slot_tensors(differentiable=False), ("eval", 1), 0, view)
     e, dn = (float(x) for x in d.objective._view_distance(1, theta, view))
     base = d.objective.baseline_groups(1)
-    want = {"pooled": (e + dn) / float(base.sum()), "embedding": e / float(base[0]),
-            "balanced": (e / float(base[0]) + dn / float(base[1])) / 2}
+    want = {"pooled": (e + dn) / float(base.sum()), "balanced": (e / float(base[0]) + dn / float(base[1])) / 2}
     for mode, v in want.items():
         d.cfg = dataclasses.replace(d.cfg, distance=mode)
         d.objective.cfg = d.cfg
         got, _ = d.objective.loss(1, d.slot_tensors(differentiable=False), ("eval", 1), real, 0)
         assert float(got) == pytest.approx(v, rel=1e-5)
-    assert float(base[0]) > 0 and float(base[1]) > 0 and len(set(round(v, 6) for v in want.values())) == 3
+    assert float(base[0]) > 0 and float(base[1]) > 0 and abs(want["pooled"] - want["balanced"]) > 1e-4
 
 
 @pytest.mark.parametrize("cfg,optimizer", [(EXPERT_CFG, "adam"), (MOMENTUM_CFG, "adam"), (MOMENTUM_CFG, "lazy_adam")],

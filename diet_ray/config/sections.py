@@ -226,10 +226,10 @@ class DistillConfig:
     # Trajectory distance over: reachable = dense parameters + embedding rows of ids in the
     # memory's supports (what slots can move); all = every parameter.
     match: str = "reachable"
-    # How the matched distance weighs its parts: pooled = one sum over every matched parameter;
-    # balanced = the embedding rows and the dense parameters each normalised by their own
-    # baseline distance, then averaged; embedding = the embedding rows alone.
-    distance: str = "pooled"
+    # How the matched distance weighs its parts: balanced = the embedding rows and the dense
+    # parameters each over their own baseline distance, averaged (the dense share differs by
+    # architecture, docs/method.md); pooled (ablation) = one sum over every matched parameter.
+    distance: str = "balanced"
 
 
 # ------------------------------------------------------------------------------- evaluate

@@ -5,13 +5,16 @@ the same on every rank (the distiller scales it by 1/W before backward), ``local
 rank's share of a real-data term (one of W equal shards of the real batch), or None.
 
 - ``trajectory`` (default): ||θ_N - θ_{c+1}||² / ||θ_b - θ_{c+1}||² over the matched parameters,
-  plus ``real_loss_weight`` × the real-data loss of θ_N. θ_b is the student's no-data end point
+  taken for the embedding rows and for the dense parameters apart and averaged
+  (``distill.distance=balanced``; ``pooled``, an ablation, takes one ratio over both), plus ``real_loss_weight`` × the real-data loss of θ_N. θ_b is the student's no-data end point
   (its inner loop with zero gradients): θ_c, except with ``expert_momentum``, where it is where
   the expert's momentum alone goes. So 1.0 means the memory moves the student no closer to
   θ_{c+1} than no data at all. Matched parameters (``distill.match``): ``reachable`` (default) =
   the dense parameters plus the embedding rows of ids in the whole memory's supports; ``all`` =
   every parameter. Within one unroll every matched row the minibatches cannot move ends where
   the baseline ends, so its share of the distance is the baseline's, a per-segment constant.
+  Balanced because the dense share is the architecture's: a DCNv2 expert's cross layers hold
+  most of its matched distance, so a pooled ratio judges the memory mostly by them.
 - ``gradient`` (ablation): one-step gradient matching at θ_c, the distance being
   Σ_p (1 - cos(∇_p L(M; θ_c), ∇_p L(D; θ_c))) over parameter tensors p whose real-data gradient
   is non-zero (cosine per tensor, as in dataset condensation). No real-loss term: the real
@@ -96,14 +99,11 @@ class TrajectoryObjective(OuterObjective):
         return shared, local
 
     def normalised(self, parts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """[embedding, dense] distances over their baseline's, weighed as ``distill.distance`` says."""
-        mode = self.cfg.distance
-        if mode == "pooled":
+        """[embedding, dense] distances over their baseline's: averaged (``balanced``) or pooled."""
+        if self.cfg.distance == "pooled":
             return parts.sum() / base.sum().clamp_min(1e-12)
-        groups = [0] if mode == "embedding" else [g for g in (0, 1) if float(base[g]) > 0]
-        if not groups or float(base[groups[0]]) <= 0:
-            raise ValueError("distill.distance=embedding needs matched embedding rows that the expert moves")
-        return sum(parts[g] / base[g] for g in groups) / len(groups)  # type: ignore[return-value]
+        groups = [g for g in (0, 1) if float(base[g]) > 0]  # a part the expert never moves has no say
+        return sum(parts[g] / base[g] for g in groups) / max(1, len(groups))  # type: ignore[return-value]
 
     def group_distance(self, a: Params, b: Params) -> torch.Tensor:
         """[Σ over the matched embedding rows, Σ over the dense parameters] of ||a - b||²."""
