@@ -302,6 +302,9 @@ def test_distance_modes_weigh_the_embedding_and_dense_parts_as_documented():
         got, _ = d.objective.loss(1, d.slot_tensors(differentiable=False), ("eval", 1), real, 0)
         assert float(got) == pytest.approx(v, rel=1e-5)
     assert float(base[0]) > 0 and float(base[1]) > 0 and abs(want["pooled"] - want["balanced"]) > 1e-4
+    # A segment the expert took no step in has no baseline in either part: the pooled ratio.
+    still = d.objective.normalised(torch.tensor([1.0, 2.0]), torch.zeros(2))
+    assert torch.is_tensor(still) and float(still) == pytest.approx(3.0 / 1e-12)
 
 
 @pytest.mark.parametrize("cfg,optimizer", [(EXPERT_CFG, "adam"), (MOMENTUM_CFG, "adam"), (MOMENTUM_CFG, "lazy_adam")],

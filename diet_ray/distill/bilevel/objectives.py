@@ -100,10 +100,10 @@ class TrajectoryObjective(OuterObjective):
 
     def normalised(self, parts: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """[embedding, dense] distances over their baseline's: averaged (``balanced``) or pooled."""
-        if self.cfg.distance == "pooled":
-            return parts.sum() / base.sum().clamp_min(1e-12)
         groups = [g for g in (0, 1) if float(base[g]) > 0]  # a part the expert never moves has no say
-        return sum(parts[g] / base[g] for g in groups) / max(1, len(groups))  # type: ignore[return-value]
+        if self.cfg.distance == "pooled" or not groups:  # no groups: a segment without expert steps
+            return parts.sum() / base.sum().clamp_min(1e-12)
+        return torch.stack([parts[g] / base[g] for g in groups]).mean()
 
     def group_distance(self, a: Params, b: Params) -> torch.Tensor:
         """[Σ over the matched embedding rows, Σ over the dense parameters] of ||a - b||²."""
