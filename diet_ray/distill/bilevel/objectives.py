@@ -6,7 +6,8 @@ rank's share of a real-data term (one of W equal shards of the real batch), or N
 
 - ``trajectory`` (default): ||θ_N - θ_{c+1}||² / ||θ_b - θ_{c+1}||² over the matched parameters,
   taken for the embedding rows and for the dense parameters apart and averaged
-  (``distill.distance=balanced``; ``pooled``, an ablation, takes one ratio over both), plus ``real_loss_weight`` × the real-data loss of θ_N. θ_b is the student's no-data end point
+  (``distill.distance=balanced``; ``pooled``, an ablation, takes one ratio over both), plus
+  ``real_loss_weight`` × the real-data loss of θ_N. θ_b is the student's no-data end point
   (its inner loop with zero gradients): θ_c, except with ``expert_momentum``, where it is where
   the expert's momentum alone goes. So 1.0 means the memory moves the student no closer to
   θ_{c+1} than no data at all. Matched parameters (``distill.match``): ``reachable`` (default) =
