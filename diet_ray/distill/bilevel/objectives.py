@@ -108,10 +108,14 @@ class TrajectoryObjective(OuterObjective):
 
     def group_distance(self, a: Params, b: Params) -> torch.Tensor:
         """[Σ over the matched embedding rows, Σ over the dense parameters] of ||a - b||²."""
+        return self._split_sums(a, b, self.match)
+
+    def _split_sums(self, a: Params, b: Params, match: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[embedding, dense] sums of ||a - b||², each parameter weighted by ``match`` where it has one."""
         emb, dense = a[self.student.names[0]].new_zeros(()), a[self.student.names[0]].new_zeros(())
         for n in self.student.names:
             d = (a[n] - b[n]) ** 2
-            w = self.match.get(n)
+            w = match.get(n)
             d = (d * w).sum() if w is not None else d.sum()
             if n == EMBEDDING:
                 emb = emb + d
@@ -132,17 +136,8 @@ class TrajectoryObjective(OuterObjective):
             self._baseline_dist[c] = (d * self.match[EMBEDDING].double()).sum(1)  # per row
         target = self.student.restrict(traj[c + 1], view)
         rest = (self._baseline_dist[c].sum() - self._baseline_dist[c][view.rows].sum()).to(torch.float32)
-        emb, dense = rest, rest.new_zeros(())
-        for n in self.student.names:
-            d = (theta_n[n] - target[n]) ** 2
-            w = self.match.get(n)
-            if w is not None:
-                d = d * (w[view.rows] if n == EMBEDDING else w)
-            if n == EMBEDDING:
-                emb = emb + d.sum()
-            else:
-                dense = dense + d.sum()
-        return torch.stack([emb, dense])
+        match = {n: (w[view.rows] if n == EMBEDDING else w) for n, w in self.match.items()}
+        return self._split_sums(theta_n, target, match) + torch.stack([rest, torch.zeros_like(rest)])
 
     def baseline_groups(self, c: int) -> torch.Tensor:
         """``group_distance(θ_b, θ_{c+1})``, the loss's normaliser: fixed per segment (the
