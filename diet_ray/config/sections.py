@@ -230,6 +230,10 @@ class DistillConfig:
     # parameters each over their own baseline distance, averaged (the dense share differs by
     # architecture, docs/method.md); pooled (ablation) = one sum over every matched parameter.
     distance: str = "balanced"
+    # Which expert segments the outer steps sample: stage = the stage's K segments; stream = also
+    # one segment per earlier stage, from the expert's initialisation on (candidates train from
+    # scratch; the staged run otherwise matches only warm-started segments).
+    segments: str = "stage"
 
 
 # ------------------------------------------------------------------------------- evaluate

@@ -246,6 +246,25 @@ class StreamExpert:
         files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
         return all(fs.exists(fs.join(d, f)) for f in files)
 
+    def path_to(self, stage: int) -> List[ExpertCheckpoint]:
+        """The expert's path from its initialisation to the start of ``stage``, one segment per
+        earlier stage: θ_0 of stage 0, then each earlier stage's last checkpoint (with their
+        optimiser states), ``stage + 1`` checkpoints. Reads two files per stage, not the stage."""
+        path: List[ExpertCheckpoint] = []
+        for s in range(stage):
+            meta = self._meta(s)
+            if meta is None:
+                raise RunStateError(f"{expert_stage_dir(self.run_dir, s)}: the expert for stage {s} is missing; "
+                                    f"distill.segments=stream needs every stage before {stage}")
+            picks = ([0] if s == 0 else []) + [int(meta["checkpoints"][-1]["index"])]
+            d = expert_stage_dir(self.run_dir, s)
+            for i in picks:
+                optim_uri = fs.join(d, f"optim-{i:02d}.pt")
+                optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
+                lr = float(meta["checkpoints"][i]["lr"]) if i else 0.0
+                path.append(ExpertCheckpoint(len(path), lr, _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim))
+        return path
+
     def load_stage(self, stage: int) -> Optional[ExpertStage]:
         d = expert_stage_dir(self.run_dir, stage)
         meta = self._meta(stage)
