@@ -100,6 +100,11 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
     # the optimiser's step count grows along the path (the bi-level student's segment lengths)
     steps = [max((int(s["step"]) for s in c.optim["state"].values()), default=0) for c in path]
     assert steps[0] == 0 and steps[1] < steps[2]
+    # coarsened to one segment: the initialisation and the stage's start only
+    coarse = ex.path_to(2, segments=1)
+    assert len(coarse) == 2 and all(torch.equal(coarse[1].state[k], path[-1].state[k]) for k in path[-1].state)
+    assert all(torch.equal(coarse[0].state[k], path[0].state[k]) for k in path[0].state)
+    assert len(ex.path_to(2, segments=5)) == 3
     (tmp_path / "expert" / "stage=0001" / "meta.json").unlink()
     with pytest.raises(RunStateError, match="stage 1 is missing"):
         ex.path_to(2)

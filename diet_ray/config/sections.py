@@ -234,6 +234,7 @@ class DistillConfig:
     # one segment per earlier stage, from the expert's initialisation on (candidates train from
     # scratch; the staged run otherwise matches only warm-started segments).
     segments: str = "stage"
+    path_segments: int = 0  # segments=stream: at most this many segments before the stage (0 = one per stage)
 
 
 # ------------------------------------------------------------------------------- evaluate

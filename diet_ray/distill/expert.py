@@ -246,23 +246,28 @@ class StreamExpert:
         files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
         return all(fs.exists(fs.join(d, f)) for f in files)
 
-    def path_to(self, stage: int) -> List[ExpertCheckpoint]:
-        """The expert's path from its initialisation to the start of ``stage``, one segment per
-        earlier stage: θ_0 of stage 0, then each earlier stage's last checkpoint (with their
-        optimiser states), ``stage + 1`` checkpoints. Reads two files per stage, not the stage."""
+    def path_to(self, stage: int, segments: int = 0) -> List[ExpertCheckpoint]:
+        """The expert's path from its initialisation to the start of ``stage``: θ_0 of stage 0,
+        then the last checkpoint of earlier stages (with their optimiser states). ``segments`` =
+        0: every earlier stage's end, ``stage + 1`` checkpoints; n > 0: at most n segments, the
+        stage ends nearest to even spacing (the start and the end always kept)."""
+        if stage <= 0:
+            return []
+        ends = range(stage + 1) if segments <= 0 or stage <= segments else \
+            sorted({int(round(i * stage / segments)) for i in range(segments + 1)})
         path: List[ExpertCheckpoint] = []
-        for s in range(stage):
+        for b in ends:  # boundary b: the start of stage b = the end of stage b - 1
+            s = max(0, b - 1)
             meta = self._meta(s)
             if meta is None:
                 raise RunStateError(f"{expert_stage_dir(self.run_dir, s)}: the expert for stage {s} is missing; "
                                     f"distill.segments=stream needs every stage before {stage}")
-            picks = ([0] if s == 0 else []) + [int(meta["checkpoints"][-1]["index"])]
+            i = 0 if b == 0 else int(meta["checkpoints"][-1]["index"])
             d = expert_stage_dir(self.run_dir, s)
-            for i in picks:
-                optim_uri = fs.join(d, f"optim-{i:02d}.pt")
-                optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
-                lr = float(meta["checkpoints"][i]["lr"]) if i else 0.0
-                path.append(ExpertCheckpoint(len(path), lr, _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim))
+            optim_uri = fs.join(d, f"optim-{i:02d}.pt")
+            optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
+            lr = float(meta["checkpoints"][i]["lr"]) if i else 0.0
+            path.append(ExpertCheckpoint(len(path), lr, _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim))
         return path
 
     def load_stage(self, stage: int) -> Optional[ExpertStage]:
