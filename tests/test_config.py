@@ -98,24 +98,24 @@ def test_run_saved_before_the_expert_optimiser_key_resumes_as_dense_adam(tmp_pat
 
 
 def test_run_saved_before_the_distance_and_segment_keys_resumes_as_pooled_stage_segments(tmp_path):
-    """A run dir whose config predates ``distill.distance`` / ``segments`` / ``path_segments``
-    was distilled with the pooled distance over the stage's own segments."""
+    """A run dir whose config predates ``distill.distance`` and ``distill.segments`` was
+    distilled with the pooled distance over the stage's own segments."""
     from diet_ray.errors import RunStateError
     from diet_ray.layout import config_path
     from diet_ray.run_dir import open_run_dir
 
     run = f"run.dir={tmp_path / 'r'}"
-    open_run_dir(C.load_config(None, [run, "distill.distance=pooled"]))
+    open_run_dir(C.load_config(None, [run, "distill.distance=pooled", "distill.segments=stage"]))
     path = config_path(str(tmp_path / "r"))
     text = open(path).read()
-    for line in ("  distance: pooled\n", "  segments: stage\n", "  path_segments: 0\n"):
+    for line in ("  distance: pooled\n", "  segments: stage\n"):
         assert line in text
         text = text.replace(line, "")
     with open(path, "w") as f:
         f.write(text)
-    open_run_dir(C.load_config(None, [run, "distill.distance=pooled"]))
-    with pytest.raises(RunStateError, match="distill.distance changed"):
-        open_run_dir(C.load_config(None, [run]))
+    open_run_dir(C.load_config(None, [run, "distill.distance=pooled", "distill.segments=stage"]))
+    with pytest.raises(RunStateError, match="distill.segments changed"):
+        open_run_dir(C.load_config(None, [run, "distill.distance=pooled"]))
 
 
 def test_config_hash_tracks_only_result_keys():

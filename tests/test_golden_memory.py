@@ -99,6 +99,31 @@ def test_distilled_memories_are_byte_identical_to_the_recorded_ones(recipe, ray_
     assert distill(recipe, str(tmp_path / recipe)) == golden[recipe]
 
 
+@pytest.mark.ray
+def test_the_bilevel_job_matches_the_path_from_the_initialisation_and_the_stage(ray_local, tmp_path, monkeypatch):
+    """``distill.segments=stream`` (the default) hands each stage's job the expert's path from its
+    initialisation (at most K segments) joined to the stage's K; ``stage`` the stage's K only."""
+    import diet_ray.distill.trainer as trainer
+
+    real, seen = trainer.fit_stage, []
+
+    def spy(memory, refine_idx, checkpoints, *args, **kwargs):
+        # the expert optimiser's step count at each state handed over
+        seen[-1].append([max((int(s["step"]) for s in ck.optim["state"].values()), default=0) for ck in checkpoints])
+        return real(memory, refine_idx, checkpoints, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "fit_stage", spy)
+    for mode in ("stream", "stage"):
+        seen.append([])
+        run(load_config(None, [*TINY, f"distill.segments={mode}", f"run.dir={tmp_path / mode}"]))
+    stream, stage = seen
+    assert [len(s) for s in stage] == [4, 4, 4] and [len(s) for s in stream] == [4, 5, 6]
+    for t in range(3):
+        assert stream[t][-4:] == stage[t]  # the stage's own checkpoints come last
+        assert stream[t][0] == 0  # from the initialisation
+        assert all(a < b for a, b in zip(stream[t], stream[t][1:]))  # one continuous path
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     import tempfile
 

@@ -32,6 +32,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "diet_influence_init": {"memory.init": "influence_filter"},
     # The selected rows as slots, with their initial supports, labels and weights: no outer step.
     "diet_no_bilevel": {"distill.outer_steps": 0},
+    # The outer steps sample the stage's own segments only, not the path from the initialisation.
+    "diet_stage_segments": {"distill.segments": "stage"},
 }
 
 

@@ -230,11 +230,10 @@ class DistillConfig:
     # parameters each over their own baseline distance, averaged (the dense share differs by
     # architecture, docs/method.md); pooled (ablation) = one sum over every matched parameter.
     distance: str = "balanced"
-    # Which expert segments the outer steps sample: stage = the stage's K segments; stream = also
-    # one segment per earlier stage, from the expert's initialisation on (candidates train from
-    # scratch; the staged run otherwise matches only warm-started segments).
-    segments: str = "stage"
-    path_segments: int = 0  # segments=stream: at most this many segments before the stage (0 = one per stage)
+    # Which expert segments the outer steps sample: stream = the stage's K segments and the
+    # expert's path from its initialisation to the stage's start in at most K more (candidates
+    # train from scratch); stage (ablation) = the stage's K segments only (docs/method.md).
+    segments: str = "stream"
 
 
 # ------------------------------------------------------------------------------- evaluate
