@@ -247,16 +247,17 @@ class StreamExpert:
         return all(fs.exists(fs.join(d, f)) for f in files)
 
     def path_to(self, stage: int, segments: int = 0) -> List[ExpertCheckpoint]:
-        """The expert's path from its initialisation to the start of ``stage``: θ_0 of stage 0,
-        then the last checkpoint of earlier stages (with their optimiser states). ``segments`` =
-        0: every earlier stage's end, ``stage + 1`` checkpoints; n > 0: at most n segments, the
-        stage ends nearest to even spacing (the start and the end always kept)."""
+        """The expert's states on its path from its initialisation to the start of ``stage``,
+        with their optimiser states: θ_0 of stage 0, then the last checkpoint of earlier stages,
+        up to but not including the start of ``stage`` itself (its first checkpoint, which the
+        caller holds). ``segments`` = 0: every earlier stage's end, ``stage`` states; n > 0: at
+        most n segments up to that start, the stage ends nearest to even spacing."""
         if stage <= 0:
             return []
         ends = range(stage + 1) if segments <= 0 or stage <= segments else \
             sorted({int(round(i * stage / segments)) for i in range(segments + 1)})
         path: List[ExpertCheckpoint] = []
-        for b in ends:  # boundary b: the start of stage b = the end of stage b - 1
+        for b in list(ends)[:-1]:  # boundary b: the start of stage b = the end of stage b - 1
             s = max(0, b - 1)
             meta = self._meta(s)
             if meta is None:

@@ -208,8 +208,8 @@ def refine_slots(run: RunParts, st: StageRun, memory: SlotMemory, plan: AddressP
         checkpoints = st.es.checkpoints
         if run.cfg.distill.segments == "stream" and st.t > 0:
             # The expert's path from its initialisation to this stage's start in at most K
-            # segments (its last state is the stage's first), then the stage's own K.
-            checkpoints = run.expert.path_to(st.t, run.expert.K)[:-1] + list(checkpoints)
+            # segments, then the stage's own K: one continuous trajectory.
+            checkpoints = run.expert.path_to(st.t, run.expert.K) + list(checkpoints)
         result = fit_stage(memory, plan.refine_idx, checkpoints, run.store.ray_dataset(st.t), run.store.fmap, run.cfg,
                            st.t, run.run_dir)
         return result.shards, result.metrics
