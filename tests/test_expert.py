@@ -90,7 +90,7 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
     # θ_0 of stage 0 (the initialisation), then the last checkpoint of stage 0; stage 1's end
     # is stage 2's first checkpoint, which the caller holds
     expected = [stages[0].checkpoints[0], stages[0].checkpoints[-1]]
-    assert [c.index for c in path] == [0, 1] and [c.lr for c in path] == [0.0, 0.01]
+    assert [c.index for c in path] == [0, 3] and [c.lr for c in path] == [0.0, 0.01]  # their index in their stage
     for got, want in zip(path, expected):
         for k in want.state:
             assert torch.equal(got.state[k], want.state[k])

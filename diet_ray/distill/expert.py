@@ -263,24 +263,22 @@ class StreamExpert:
             if meta is None:
                 raise RunStateError(f"{expert_stage_dir(self.run_dir, s)}: the expert for stage {s} is missing; "
                                     f"distill.segments=stream needs every stage before {stage}")
-            i = 0 if b == 0 else int(meta["checkpoints"][-1]["index"])
-            d = expert_stage_dir(self.run_dir, s)
-            optim_uri = fs.join(d, f"optim-{i:02d}.pt")
-            optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
-            lr = float(meta["checkpoints"][i]["lr"]) if i else 0.0
-            path.append(ExpertCheckpoint(len(path), lr, _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim))
+            ck = meta["checkpoints"][0 if b == 0 else -1]
+            path.append(self._load_checkpoint(s, int(ck["index"]), float(ck["lr"])))
         return path
+
+    def _load_checkpoint(self, stage: int, i: int, lr: float) -> ExpertCheckpoint:
+        """Checkpoint ``i`` of a saved stage, with its optimiser state where one was saved."""
+        d = expert_stage_dir(self.run_dir, stage)
+        optim_uri = fs.join(d, f"optim-{i:02d}.pt")
+        optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
+        return ExpertCheckpoint(i, lr, _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim)
 
     def load_stage(self, stage: int) -> Optional[ExpertStage]:
         d = expert_stage_dir(self.run_dir, stage)
         meta = self._meta(stage)
         if meta is None:
             return None
-        cks = []
-        for c in meta["checkpoints"]:
-            i = int(c["index"])
-            optim_uri = fs.join(d, f"optim-{i:02d}.pt")
-            optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
-            cks.append(ExpertCheckpoint(i, float(c["lr"]), _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim))
+        cks = [self._load_checkpoint(stage, int(c["index"]), float(c["lr"])) for c in meta["checkpoints"]]
         ref = EncodedRows.from_table(fs.read_parquet(fs.join(d, "ref.parquet")), self.fmap)
         return ExpertStage(stage, cks, ref, int(meta["train_rows"]), float(meta["wall_s"]), int(meta["sample_steps"]))
