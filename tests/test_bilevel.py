@@ -293,14 +293,14 @@ def test_distance_modes_weigh_the_embedding_and_dense_parts_as_documented():
     d, _, real = distiller(dataclasses.replace(cfg, distance="pooled"))
     view = d.batches.step_rows(("eval", 1), d.loop.segment_steps(1)[0], None)
     theta = d.loop.unroll(1, d.slot_tensors(differentiable=False), ("eval", 1), 0, view)
-    e, dn = (float(x) for x in d.objective._view_distance(1, theta, view))
+    e, dn = (float(x.detach()) for x in d.objective._view_distance(1, theta, view))
     base = d.objective.baseline_groups(1)
     want = {"pooled": (e + dn) / float(base.sum()), "balanced": (e / float(base[0]) + dn / float(base[1])) / 2}
     for mode, v in want.items():
         d.cfg = dataclasses.replace(d.cfg, distance=mode)
         d.objective.cfg = d.cfg
         got, _ = d.objective.loss(1, d.slot_tensors(differentiable=False), ("eval", 1), real, 0)
-        assert float(got) == pytest.approx(v, rel=1e-5)
+        assert float(got.detach()) == pytest.approx(v, rel=1e-5)
     assert float(base[0]) > 0 and float(base[1]) > 0 and abs(want["pooled"] - want["balanced"]) > 1e-4
     # A segment the expert took no step in has no baseline in either part: the pooled ratio.
     still = d.objective.normalised(torch.tensor([1.0, 2.0]), torch.zeros(2))
