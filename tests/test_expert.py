@@ -85,8 +85,8 @@ def test_stages_warm_start_checkpoint_and_reload(tmp_path):
 def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp_path):
     ex = StreamExpert(tiny_fmap(), CFG, seed=0, run_dir=str(tmp_path))
     stages = [ex.train_stage(t, stage_rows(t)) for t in range(3)]
-    assert ex.path_to(0) == []
-    path = ex.path_to(2)
+    assert ex.path_to(0, 3) == []
+    path = ex.path_to(2, 3)
     # θ_0 of stage 0 (the initialisation), then the last checkpoint of stage 0; stage 1's end
     # is stage 2's first checkpoint, which the caller holds
     expected = [stages[0].checkpoints[0], stages[0].checkpoints[-1]]
@@ -104,9 +104,9 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
     assert len(coarse) == 1 and all(torch.equal(coarse[0].state[k], path[0].state[k]) for k in path[0].state)
     assert len(ex.path_to(2, segments=5)) == 2
     (tmp_path / "expert" / "stage=0001" / "meta.json").unlink()
-    ex.path_to(1)  # stage 1's own expert is not read
+    ex.path_to(1, 3)  # stage 1's own expert is not read
     with pytest.raises(RunStateError, match="stage 1 is missing"):
-        ex.path_to(3)
+        ex.path_to(3, 3)
 
 def test_out_of_order_and_changed_model_are_refused(tmp_path):
     fmap = tiny_fmap()

@@ -246,15 +246,15 @@ class StreamExpert:
         files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
         return all(fs.exists(fs.join(d, f)) for f in files)
 
-    def path_to(self, stage: int, segments: int = 0) -> List[ExpertCheckpoint]:
+    def path_to(self, stage: int, segments: int) -> List[ExpertCheckpoint]:
         """The expert's states on its path from its initialisation to the start of ``stage``,
         with their optimiser states: θ_0 of stage 0, then the last checkpoint of earlier stages,
         up to but not including the start of ``stage`` itself (its first checkpoint, which the
-        caller holds). ``segments`` = 0: every earlier stage's end, ``stage`` states; n > 0: at
-        most n segments up to that start, the stage ends nearest to even spacing."""
+        caller holds). At most ``segments`` segments up to that start: every earlier stage's end
+        while ``stage <= segments``, else the stage ends nearest to even spacing."""
         if stage <= 0:
             return []
-        ends = range(stage + 1) if segments <= 0 or stage <= segments else \
+        ends = range(stage + 1) if stage <= segments else \
             sorted({int(round(i * stage / segments)) for i in range(segments + 1)})
         path: List[ExpertCheckpoint] = []
         for b in list(ends)[:-1]:  # boundary b: the start of stage b = the end of stage b - 1
