@@ -72,6 +72,11 @@ def experts_root(run_dir: str) -> str:
     return fs.join(run_dir, "expert")
 
 
+def student_root(run_dir: str) -> str:
+    """The bi-level student's stream model, where it is not the expert (``distill.student``)."""
+    return fs.join(experts_root(run_dir), "student")
+
+
 def expert_stage_dir(run_dir: str, stage: int) -> str:
     return fs.join(experts_root(run_dir), stage_name(stage))
 

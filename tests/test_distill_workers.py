@@ -50,7 +50,7 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
 
     flag = tmp_path / "failed-once"
     monkeypatch.setenv(FAULT_ENV, f"bilevel:{stage}:2:{flag}")
-    out = fit_stage(mem, refine, checkpoints, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"), save_every=2)
+    out = fit_stage(mem, refine, checkpoints, cfg.expert.model, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"), save_every=2)
     assert flag.exists(), "the injected fault did not fire"
     assert out.metrics["outer_step"] == steps and out.metrics["workers"] == 2
     assert out.metrics["outer_loss_end"] < out.metrics["outer_loss_start"]
@@ -83,7 +83,7 @@ def test_in_process_bilevel_equals_one_process_and_leaves_the_driver_as_it_was(r
     before_dirs, threads = left(), torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out = fit_stage(mem, refine, checkpoints, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"))
+        out = fit_stage(mem, refine, checkpoints, cfg.expert.model, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"))
         assert torch.get_num_threads() == 2  # the loop's own thread count did not stay behind
     finally:
         torch.set_num_threads(threads)

@@ -55,7 +55,7 @@ def test_gpu_train_worker_bilevel_equals_cpu_process(ray_local, tmp_path):
     table = pa.table({"_label": rows.label, "a": rows.cat[:, 0], "b": rows.cat[:, 1], "x": rows.num[:, 0]})
     refine = np.arange(0, 24, 2)
 
-    out = fit_stage(mem, refine, checkpoints, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"))
+    out = fit_stage(mem, refine, checkpoints, cfg.expert.model, ray.data.from_arrow(table), fmap, cfg, stage, str(tmp_path / "run"))
     assert out.metrics["outer_step"] == steps and out.metrics["workers"] == 1
     merged = validate_shards(out.shards, len(mem), fmap, 0.3, 1.0)
 

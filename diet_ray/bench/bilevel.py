@@ -1,10 +1,10 @@
 """``diet-ray bench bilevel``: wall time of one bi-level outer step, in process (no Ray), on CPU
-and on CUDA when available, for the configured expert model and a memory of
+and on CUDA when available, for the configured bi-level student (``distill.student``) and a memory of
 ceil(memory.ratio * rows) slots.
 
 The stage is synthetic and self-contained (no prepare): field cardinalities follow the
 synthetic stream's defaults scaled to ``rows``; the expert trajectory is K+1 states of a short
-``expert.optimizer`` run of the expert model on random rows, which is what the outer step consumes (the
+``expert.optimizer`` run of that model on random rows, which is what the outer step consumes (the
 trajectory's quality does not change the step's cost).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from diet_ray.config import Config, derive_seed
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
 from diet_ray.distill.bilevel.distiller import ShardDistiller
+from diet_ray.distill.expert import student_model
 from diet_ray.memory.addressing import capacity
 from diet_ray.memory.shards import SlotShard
 from diet_ray.memory.slots import SlotMemory
@@ -48,7 +49,7 @@ def _rows(fmap: FeatureMap, n: int, rng: np.random.Generator) -> EncodedRows:
 
 
 def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int) -> Tuple[List[Dict[str, torch.Tensor]], List[dict]]:
-    model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=derive_seed(cfg.seed, "bench-expert"))
+    model = build_model(student_model(cfg), fmap.input_spec(), seed=derive_seed(cfg.seed, "bench-expert"))
     opt = make_optimizer(model, cfg.expert.optimizer, cfg.expert.lr)  # the student continues this optimiser's state
     rows = _rows(fmap, cfg.expert.batch_size * 3 * k, rng)
     states = [{n: v.detach().clone() for n, v in model.state_dict().items()}]
@@ -66,7 +67,7 @@ def _trajectory(cfg: Config, fmap: FeatureMap, rng: np.random.Generator, k: int)
 
 def _time_device(cfg: Config, fmap: FeatureMap, memory: SlotMemory, states, optims, real_rows: EncodedRows, device: str, repeats: int) -> Dict[str, Any]:
     refine = np.arange(len(memory))
-    model = build_model(dict(cfg.expert.model), fmap.input_spec(), seed=0)
+    model = build_model(student_model(cfg), fmap.input_spec(), seed=0)
     real = real_rows.batch(np.arange(min(cfg.distill.real_batch, len(real_rows)))).to(device)
     d = ShardDistiller(model, states, SlotShard.from_memory(memory, np.arange(len(memory)), refine), cfg.distill,
                        temperature=cfg.memory.temperature, seed=cfg.seed, stage=0, device=device, optim_states=optims,
@@ -108,7 +109,7 @@ def bench_bilevel(cfg: Config, out: str, rows: Optional[int] = None, verbose: bo
         log.info("bench bilevel: %s outer step %.3fs (%d slots, %d params)", r["device"], r["outer_step_s"], r["memory_slots"], r["params"])
     summary: Dict[str, Any] = {
         "rows": rows,
-        "model": str(dict(cfg.expert.model)),
+        "model": str(student_model(cfg)),
         "objective": cfg.distill.objective,
         "memory_slots": slots,
         "torch_threads": torch.get_num_threads(),

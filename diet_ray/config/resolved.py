@@ -15,7 +15,8 @@ from diet_ray.config.sections import Config
 RESULT_SECTIONS = ("data", "seed", "expert", "influence", "memory", "distill")
 # Result keys added after runs were written, with the value those runs used: a saved config
 # without the key compares as that value, so such a run resumes with the key set to it.
-LEGACY_RESULT_KEYS = {"expert.optimizer": "adam", "distill.distance": "pooled", "distill.segments": "stage"}
+LEGACY_RESULT_KEYS = {"expert.optimizer": "adam", "distill.distance": "pooled", "distill.segments": "stage",
+                     "distill.student": "expert"}
 
 
 def to_dict(cfg: Config) -> Dict[str, Any]:

@@ -234,6 +234,11 @@ class DistillConfig:
     # expert's path from its initialisation to the stage's start in at most K more (candidates
     # train from scratch); stage (ablation) = the stage's K segments only (docs/method.md).
     segments: str = "stream"
+    # The architecture whose stream trajectory the outer steps match: a registry model name
+    # (trained on the stream beside the expert where the expert is not one), or expert (an
+    # ablation flag: the expert's own). A DNN's trajectory serves the zoo whatever expert
+    # labels the slots (docs/method.md).
+    student: str = "dnn"
 
 
 # ------------------------------------------------------------------------------- evaluate

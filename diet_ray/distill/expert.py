@@ -21,6 +21,7 @@ vocabulary; ``adam``, dense ``torch.optim.Adam`` (stages saved before the choice
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import logging
 import time
@@ -36,9 +37,9 @@ from diet_ray.config import Config, ExpertConfig, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap
 from diet_ray.data.stages import EncodedRows, StageStore
-from diet_ray.errors import RunStateError
-from diet_ray.layout import expert_stage_dir
-from diet_ray.models import Batch, CTRModel, build_model
+from diet_ray.errors import ConfigError, RunStateError
+from diet_ray.layout import experts_root, stage_name, student_root
+from diet_ray.models import MODELS, Batch, CTRModel, build_model
 from diet_ray.models.optim import make_optimizer
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,17 @@ def expert_step(model: CTRModel, opt: torch.optim.Optimizer, batch: Batch) -> No
     opt.step()
 
 
+def student_model(cfg: Config) -> Dict[str, Any]:
+    """The bi-level student's architecture (``distill.student``): ``expert`` or a registry model
+    name; a name the expert already is gives the expert's own model."""
+    name = cfg.distill.student
+    if name == "expert" or name == cfg.expert.model.get("model"):
+        return dict(cfg.expert.model)
+    if name not in MODELS:
+        raise ConfigError(f"distill.student={name!r} is not one of {['expert', *MODELS]}")
+    return {"model": name}
+
+
 def rows_to_table(rows: EncodedRows, fmap: FeatureMap) -> pa.Table:
     cols = {"_row_id": rows.row_id, "_ts": rows.ts, "_label": rows.label}
     cols.update({n: rows.cat[:, i] for i, n in enumerate(fmap.cat_names)})
@@ -101,8 +113,9 @@ def rows_to_table(rows: EncodedRows, fmap: FeatureMap) -> pa.Table:
 
 
 class StreamExpert:
-    def __init__(self, fmap: FeatureMap, cfg: ExpertConfig, seed: int, run_dir: str):
+    def __init__(self, fmap: FeatureMap, cfg: ExpertConfig, seed: int, run_dir: str, root: Optional[str] = None):
         self.fmap, self.cfg, self.seed, self.run_dir = fmap, cfg, seed, run_dir
+        self.root = root or experts_root(run_dir)  # holds its stage=NNNN dirs
         self.spec = fmap.input_spec()
         self.K = max(1, int(cfg.checkpoints_per_stage))
 
@@ -110,6 +123,20 @@ class StreamExpert:
     def from_config(cls, cfg: Config, fmap: FeatureMap, run_dir: Optional[str] = None) -> "StreamExpert":
         """The run's expert: its seed derives from ``cfg.seed`` so every verb reuses the same checkpoints."""
         return cls(fmap, cfg.expert, derive_seed(cfg.seed, "expert"), run_dir or cfg.run.dir)
+
+    @classmethod
+    def student_of(cls, cfg: Config, expert: "StreamExpert") -> "StreamExpert":
+        """The stream model whose trajectory the bi-level step matches (``distill.student``): the
+        expert itself when it is of that architecture, else a model of it trained on the same
+        stream beside the expert, under ``expert/student/`` (docs/method.md)."""
+        model = student_model(cfg)
+        if model == dict(cfg.expert.model):
+            return expert
+        return cls(expert.fmap, dataclasses.replace(cfg.expert, model=model), derive_seed(cfg.seed, "student"),
+                   expert.run_dir, root=student_root(expert.run_dir))
+
+    def stage_dir(self, stage: int) -> str:
+        return fs.join(self.root, stage_name(stage))
 
     def build_model(self) -> CTRModel:
         return build_model(dict(self.cfg.model), self.spec, seed=derive_seed(self.seed, "init"))
@@ -143,7 +170,7 @@ class StreamExpert:
         model = self.build_model()
         opt = self.build_optimizer(model)
         if stage > 0:
-            prev_dir = expert_stage_dir(self.run_dir, stage - 1)
+            prev_dir = self.stage_dir(stage - 1)
             meta = self._meta(stage - 1)
             if meta is None:
                 raise RunStateError(
@@ -196,7 +223,7 @@ class StreamExpert:
     # -- persistence ----------------------------------------------------------------------
 
     def _save(self, st: ExpertStage, opt: torch.optim.Optimizer) -> None:
-        d = expert_stage_dir(self.run_dir, st.stage)
+        d = self.stage_dir(st.stage)
         for c in st.checkpoints:
             _save_torch(fs.join(d, f"ckpt-{c.index:02d}.pt"), c.state)
             if c.optim is not None:
@@ -219,7 +246,7 @@ class StreamExpert:
         """The stage's meta.json (written last: its presence means the stage is complete), or
         None; one saved for another model, optimiser or checkpoint count is refused (stages
         saved before the optimiser was recorded used dense Adam)."""
-        meta_uri = fs.join(expert_stage_dir(self.run_dir, stage), "meta.json")
+        meta_uri = fs.join(self.stage_dir(stage), "meta.json")
         if not fs.exists(meta_uri):
             return None
         meta = fs.read_json(meta_uri)
@@ -242,7 +269,7 @@ class StreamExpert:
         meta = self._meta(stage)
         if meta is None:
             return False
-        d = expert_stage_dir(self.run_dir, stage)
+        d = self.stage_dir(stage)
         files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
         return all(fs.exists(fs.join(d, f)) for f in files)
 
@@ -261,7 +288,7 @@ class StreamExpert:
             s = max(0, b - 1)
             meta = self._meta(s)
             if meta is None:
-                raise RunStateError(f"{expert_stage_dir(self.run_dir, s)}: the expert for stage {s} is missing; "
+                raise RunStateError(f"{self.stage_dir(s)}: the expert for stage {s} is missing; "
                                     f"distill.segments=stream needs every stage before {stage}")
             ck = meta["checkpoints"][0 if b == 0 else -1]
             path.append(self._load_checkpoint(s, int(ck["index"]), float(ck["lr"])))
@@ -269,13 +296,13 @@ class StreamExpert:
 
     def _load_checkpoint(self, stage: int, i: int, lr: float) -> ExpertCheckpoint:
         """Checkpoint ``i`` of a saved stage, with its optimiser state where one was saved."""
-        d = expert_stage_dir(self.run_dir, stage)
+        d = self.stage_dir(stage)
         optim_uri = fs.join(d, f"optim-{i:02d}.pt")
         optim = _load_torch(optim_uri) if fs.exists(optim_uri) else None
         return ExpertCheckpoint(i, lr, _load_torch(fs.join(d, f"ckpt-{i:02d}.pt")), optim)
 
     def load_stage(self, stage: int) -> Optional[ExpertStage]:
-        d = expert_stage_dir(self.run_dir, stage)
+        d = self.stage_dir(stage)
         meta = self._meta(stage)
         if meta is None:
             return None

@@ -111,18 +111,20 @@ def _start_run(cfg: Config, chash: str, run_dir: str, store: StageStore, last: i
     cfg = stages_config(cfg, par)
     fmap = store.fmap
     expert = StreamExpert.from_config(cfg, fmap, run_dir)
+    student = StreamExpert.student_of(cfg, expert)
     id_freq = [np.zeros(c.vocab_size, np.int64) for c in fmap.categorical]
     for t in range(last + 1):  # id frequencies through the resumed stage
         for f, counts in enumerate(steps.id_counts(fmap, store.read_stage(t))):
             id_freq[f] += counts
-        if not expert.has_stage(t):
-            raise RunStateError(f"stage {t} is committed but its expert checkpoints are missing under {run_dir}/expert; use a new run.dir")
+        for model in {id(expert): expert, id(student): student}.values():
+            if not model.has_stage(t):
+                raise RunStateError(f"stage {t} is committed but its checkpoints are missing under {model.root}; use a new run.dir")
     pool = None
     if par.num_actors > 0:
         from diet_ray.influence.ray_scoring import ScoringPool
 
         pool = ScoringPool(dict(cfg.expert.model), fmap.input_spec(), cfg.influence, steps.scoring_gpu(cfg), par.num_actors)
-    return steps.RunParts(run_dir, store, expert, cfg, chash, par, id_freq, pool)
+    return steps.RunParts(run_dir, store, expert, student, cfg, chash, par, id_freq, pool)
 
 
 def run(cfg: Config, verbose: bool = False) -> Dict[str, Any]:

@@ -49,6 +49,7 @@ class RunParts:
     run_dir: str
     store: StageStore
     expert: StreamExpert
+    student: StreamExpert  # whose trajectory the bi-level step matches: the expert, or a model beside it
     cfg: Config  # as the stages run it (``pipeline.stages_config``: resolved once a run)
     chash: str  # the hash of the config as given (``auto`` stays ``auto``): committed with each stage
     par: Parallelism
@@ -65,6 +66,7 @@ class StageRun:
     rows_seen: int
     pos_rate: float
     es: ExpertStage
+    ss: ExpertStage  # the student's stage (``es`` where the expert is the student)
     teacher: Optional[Teacher] = None  # label_init=expert: the stage's expert labels the slots
     times: Dict[str, float] = field(default_factory=dict)
 
@@ -104,7 +106,8 @@ def open_stage(run: RunParts, t: int) -> StageRun:
         run.pool.start()  # asynchronous: the actors start while the expert trains
     t0 = time.perf_counter()
     es = run.expert.load_stage(t) or run.expert.train_stage(t, rows)
-    return StageRun(t, rows, rows_seen, pos_rate, es, times={"expert_s": time.perf_counter() - t0})
+    ss = es if run.student is run.expert else run.student.load_stage(t) or run.student.train_stage(t, rows)
+    return StageRun(t, rows, rows_seen, pos_rate, es, ss, times={"expert_s": time.perf_counter() - t0})
 
 
 def label_kept_slots(run: RunParts, st: StageRun, memory: Optional[SlotMemory]) -> Optional[SlotMemory]:
@@ -205,13 +208,13 @@ def refine_slots(run: RunParts, st: StageRun, memory: SlotMemory, plan: AddressP
         # Train workers and scoring actors each ask for the cluster's CPU share: never both at once.
         run.pool.close()
     if len(st.rows) and len(memory):
-        checkpoints = st.es.checkpoints
+        checkpoints = st.ss.checkpoints
         if run.cfg.distill.segments == "stream" and st.t > 0:
-            # The expert's path from its initialisation to this stage's start in at most K
+            # The student's path from its initialisation to this stage's start in at most K
             # segments, then the stage's own K: one continuous trajectory.
-            checkpoints = run.expert.path_to(st.t, run.expert.K) + list(checkpoints)
-        result = fit_stage(memory, plan.refine_idx, checkpoints, run.store.ray_dataset(st.t), run.store.fmap, run.cfg,
-                           st.t, run.run_dir)
+            checkpoints = run.student.path_to(st.t, run.student.K) + list(checkpoints)
+        result = fit_stage(memory, plan.refine_idx, checkpoints, run.student.cfg.model, run.store.ray_dataset(st.t),
+                           run.store.fmap, run.cfg, st.t, run.run_dir)
         return result.shards, result.metrics
     return [memory], {"skipped": True}
 
@@ -256,8 +259,9 @@ def stage_metrics(run: RunParts, st: StageRun, merged: SlotMemory, plan: Address
         "pos_rate_stage": st.pos_rate,
         "pos_rate_memory": mix.get("pos_rate_memory"),
         "label_mix_ok": mix.get("label_mix_ok"),
-        "expert_sample_steps": st.es.sample_steps,
-        "expert_wall_s": st.es.wall_s,
+        # The student's pass, where it is another model, is part of the expert's cost.
+        "expert_sample_steps": st.es.sample_steps + (st.ss.sample_steps if st.ss is not st.es else 0),
+        "expert_wall_s": st.es.wall_s + (st.ss.wall_s if st.ss is not st.es else 0.0),
         "bilevel": bilevel,
         "workers": run.par.num_workers,
         # Which path ran: the bi-level step (driver | train_workers=N | skipped) and the rows'

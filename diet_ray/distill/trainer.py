@@ -77,6 +77,7 @@ def fit_stage(
     memory: SlotMemory,
     refine_idx: np.ndarray,
     checkpoints: List[ExpertCheckpoint],
+    model: Dict[str, Any],
     dataset,
     fmap: FeatureMap,
     cfg: Config,
@@ -104,13 +105,13 @@ def fit_stage(
     name = f"stage-{stage:04d}"
     fs.remove(fs.join(ray_train_dir(run_dir), name))
     with _driver_loop_dir(workers == 0) as local_dir:
-        job = _job(memory, refine_idx, checkpoints, fmap, cfg, stage, assignment,
+        job = _job(memory, refine_idx, checkpoints, model, fmap, cfg, stage, assignment,
                    save_every=int(save_every), threads=torch_threads(cpus), local_dir=local_dir)
         result = _fit(train_loop_per_worker, job, cfg, workers, cpus, dataset, name, storage_path, storage_fs)
         return _gather(result, memory, assignment, refine_idx, stage, storage_path, name, workers, cpus, t0)
 
 
-def _job(memory: SlotMemory, refine_idx: np.ndarray, checkpoints: List[ExpertCheckpoint], fmap: FeatureMap,
+def _job(memory: SlotMemory, refine_idx: np.ndarray, checkpoints: List[ExpertCheckpoint], model: Dict[str, Any], fmap: FeatureMap,
          cfg: Config, stage: int, assignment: List[np.ndarray], *, save_every: int, threads: int,
          local_dir: Optional[str]) -> BilevelJob:
     """The job every worker gets (``local_dir`` set: the loop runs in the driver)."""
@@ -127,7 +128,7 @@ def _job(memory: SlotMemory, refine_idx: np.ndarray, checkpoints: List[ExpertChe
         shards=[put(SlotShard.from_memory(memory, a, refine_idx)) for a in assignment],
         trajectory=put(_as_numpy([ck.state for ck in checkpoints])),
         optim_states=put(_as_numpy([ck.optim for ck in checkpoints])) if with_optim else None,
-        model=dict(cfg.expert.model),
+        model=dict(model),
         spec=fmap.input_spec(),
         cat_names=list(fmap.cat_names),
         num_names=list(fmap.num_names),

@@ -44,7 +44,7 @@ class BilevelJob:
     shards: List[Any]  # one SlotShard (or its ref) per rank
     trajectory: Any  # the expert's checkpoint state dicts as numpy (or their ref)
     optim_states: Any  # the expert optimiser's state per checkpoint as numpy (or its ref), or None
-    model: Dict[str, Any]  # the expert's candidate dict: the student's architecture
+    model: Dict[str, Any]  # the student's candidate dict (distill.student): the trajectory's architecture
     spec: InputSpec
     cat_names: List[str]
     num_names: List[str]
