@@ -97,25 +97,29 @@ def test_run_saved_before_the_expert_optimiser_key_resumes_as_dense_adam(tmp_pat
         open_run_dir(C.load_config(None, [run]))
 
 
-def test_run_saved_before_the_distance_and_segment_keys_resumes_as_pooled_stage_segments(tmp_path):
-    """A run dir whose config predates ``distill.distance`` and ``distill.segments`` was
-    distilled with the pooled distance over the stage's own segments."""
+def test_run_saved_before_the_distance_segment_and_student_keys_resumes_as_then(tmp_path):
+    """A run dir whose config predates ``distill.distance``, ``distill.segments`` and
+    ``distill.student`` was distilled with the pooled distance over the stage's own segments of
+    the expert's trajectory."""
     from diet_ray.errors import RunStateError
     from diet_ray.layout import config_path
     from diet_ray.run_dir import open_run_dir
 
     run = f"run.dir={tmp_path / 'r'}"
-    open_run_dir(C.load_config(None, [run, "distill.distance=pooled", "distill.segments=stage"]))
+    then = [run, "distill.distance=pooled", "distill.segments=stage", "distill.student=expert"]
+    open_run_dir(C.load_config(None, then))
     path = config_path(str(tmp_path / "r"))
     text = open(path).read()
-    for line in ("  distance: pooled\n", "  segments: stage\n"):
+    for line in ("  distance: pooled\n", "  segments: stage\n", "  student: expert\n"):
         assert line in text
         text = text.replace(line, "")
     with open(path, "w") as f:
         f.write(text)
-    open_run_dir(C.load_config(None, [run, "distill.distance=pooled", "distill.segments=stage"]))
+    open_run_dir(C.load_config(None, then))
     with pytest.raises(RunStateError, match="distill.segments changed"):
-        open_run_dir(C.load_config(None, [run, "distill.distance=pooled"]))
+        open_run_dir(C.load_config(None, then[:2] + then[3:]))
+    with pytest.raises(RunStateError, match="distill.student changed"):
+        open_run_dir(C.load_config(None, then[:3]))
 
 
 def test_config_hash_tracks_only_result_keys():
@@ -190,3 +194,12 @@ def test_the_fidelity_variant_names_are_the_benchs_registry():
     from diet_ray.bench.fidelity_variants import VARIANTS
 
     assert sorted(VARIANTS) == sorted(C.FIDELITY_VARIANTS)
+
+
+def test_a_models_mapping_replaces_the_default_models_whole(tmp_path):
+    """``expert.model`` set to another model, on the command line or in YAML, drops the default
+    DNN's keys (an FM has no ``hidden``); a single key still overrides within the mapping."""
+    (tmp_path / "fm.yaml").write_text("expert:\n  model: {model: fm, embed_dim: 8}\n")
+    assert C.load_config(str(tmp_path / "fm.yaml")).expert.model == {"model": "fm", "embed_dim": 8}
+    assert C.load_config(None, ["expert.model={model: fm}"]).expert.model == {"model": "fm"}
+    assert C.load_config(None, ["expert.model.embed_dim=4"]).expert.model == {"model": "dnn", "embed_dim": 4, "hidden": [64, 32]}

@@ -169,3 +169,26 @@ def test_bench_expert_writes_both_optimisers(tmp_path, capsys):
                                                           ("lazy_adam", "gather")]
     assert all(r[k] > 0 for r in cpu for k in ("rows_per_s_small_vocab", "rows_per_s_large_vocab", "ratio"))
     assert "rows_per_s_large_vocab" in capsys.readouterr().out
+
+
+def test_the_bilevel_student_is_the_expert_only_when_it_is_of_the_students_architecture(tmp_path):
+    from diet_ray.config import load_config
+    from diet_ray.errors import ConfigError
+    from diet_ray.layout import student_root
+
+    fmap = tiny_fmap()
+
+    def student(*over):
+        cfg = load_config(None, [f"run.dir={tmp_path}", *over])
+        expert = StreamExpert.from_config(cfg, fmap)
+        return expert, StreamExpert.student_of(cfg, expert)
+
+    for over in ([], ["expert.model={model: dnn, embed_dim: 4, hidden: [8]}"],
+                 ["expert.model={model: dcnv2}", "distill.student=expert"]):
+        expert, s = student(*over)
+        assert s is expert  # no second model: the expert's own trajectory
+    expert, s = student("expert.model={model: dcnv2}")
+    assert s is not expert and s.cfg.model == {"model": "dnn"} and s.seed != expert.seed
+    assert s.root == student_root(str(tmp_path)) and s.cfg.lr == expert.cfg.lr and s.K == expert.K
+    with pytest.raises(ConfigError, match="distill.student='dnnn' is not one of"):
+        student("distill.student=dnnn")

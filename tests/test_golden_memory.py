@@ -124,6 +124,32 @@ def test_the_bilevel_job_matches_the_path_from_the_initialisation_and_the_stage(
         assert all(a < b for a, b in zip(stream[t], stream[t][1:]))  # one continuous path
 
 
+@pytest.mark.ray
+def test_the_bilevel_job_matches_a_dnn_students_trajectory_whatever_the_expert(ray_local, tmp_path, monkeypatch):
+    """With an FM expert, ``distill.student=dnn`` (the default) trains a DNN on the same stream
+    beside it and hands the job that DNN's states and architecture. ``distill.student=expert`` hands the job the FM's own."""
+    import diet_ray.distill.trainer as trainer
+    from diet_ray.layout import student_root
+
+    real, seen = trainer.fit_stage, []
+
+    def spy(memory, refine_idx, checkpoints, model, *args, **kwargs):
+        seen[-1].append((model["model"], sorted(checkpoints[0].state), len(checkpoints)))
+        return real(memory, refine_idx, checkpoints, model, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "fit_stage", spy)
+    for student in ("dnn", "expert"):
+        seen.append([])
+        run(load_config(None, [*TINY, "expert.model={model: fm, embed_dim: 8}", f"distill.student={student}",
+                               f"run.dir={tmp_path / student}"]))
+    dnn, own = seen
+    assert [m for m, _, _ in dnn] == ["dnn"] * 3 and [m for m, _, _ in own] == ["fm"] * 3
+    assert any("mlp" in k for k in dnn[0][1]) and not any("mlp" in k for k in own[0][1])
+    assert [n for _, _, n in dnn] == [n for _, _, n in own] == [4, 5, 6]  # the path from the student's initialisation
+    assert (Path(student_root(str(tmp_path / "dnn"))) / "stage=0002" / "meta.json").exists()
+    assert not Path(student_root(str(tmp_path / "expert"))).exists()
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
     import tempfile
 

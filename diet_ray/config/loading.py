@@ -59,6 +59,16 @@ def _yaml_on_key(d: Any) -> Any:
     return d
 
 
+def _candidate_dicts(d: Any, prefix: str = "") -> List[tuple]:
+    """(dotted key, mapping) for every mapping in ``d`` that names a model (``{model: NAME, ...}``):
+    such a value replaces the default's mapping whole, since another model's keys do not fit it."""
+    if not isinstance(d, dict):
+        return []
+    if isinstance(d.get("model"), str) and prefix:
+        return [(prefix[:-1], d)]
+    return [kv for k, v in d.items() for kv in _candidate_dicts(v, f"{prefix}{k}.")]
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
     """Load defaults <- YAML file <- ``key=value`` overrides, validated against the schema."""
     schema = OmegaConf.structured(Config)
@@ -73,6 +83,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         file_cfg = OmegaConf.create(_yaml_on_key(OmegaConf.to_container(file_cfg)))
         try:
             cfg = OmegaConf.merge(cfg, file_cfg)
+            for key, value in _candidate_dicts(OmegaConf.to_container(file_cfg)):
+                OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as e:
             raise _explain(e, schema, path)
     for ov in overrides or []:
@@ -83,8 +95,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
             value = OmegaConf.select(OmegaConf.from_dotlist([ov]), key)
             if isinstance(value, (DictConfig, ListConfig)):
                 value = OmegaConf.to_container(value)
-            # update (not merge) so list items can be addressed: data.joins.0.source=...
-            OmegaConf.update(cfg, key, value, merge=True)
+            # update (not merge) so list items can be addressed: data.joins.0.source=...; a
+            # model's mapping replaces the one it overrides (the old model's keys would not fit)
+            whole = isinstance(value, dict) and isinstance(value.get("model"), str)
+            OmegaConf.update(cfg, key, value, merge=not whole)
         except OmegaConfBaseException as e:
             raise _explain(e, schema, f"override '{ov}'", key)
         except (TypeError, ValueError, IndexError) as e:
