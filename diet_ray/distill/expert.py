@@ -8,6 +8,7 @@ is therefore its input delayed by one holdout: every row is trained on exactly o
 order, and checkpoint 0 of stage t+1 equals the last checkpoint of stage t (the warm start).
 
 On disk: ``run_dir/expert/stage=NNNN/{ckpt-KK.pt, optim-KK.pt, optim.pt, ref.parquet, meta.json}``
+(the bi-level student's stream model, where it is not the expert, the same under ``expert/student/``)
 (``optim-KK.pt``: the optimiser's state at checkpoint KK, which the bi-level student continues
 from; runs written before it existed load with ``optim=None``); every
 file is written atomically and ``meta.json`` is written last, so a stage without it is absent.
@@ -116,6 +117,7 @@ class StreamExpert:
     def __init__(self, fmap: FeatureMap, cfg: ExpertConfig, seed: int, run_dir: str, root: Optional[str] = None):
         self.fmap, self.cfg, self.seed, self.run_dir = fmap, cfg, seed, run_dir
         self.root = root or experts_root(run_dir)  # holds its stage=NNNN dirs
+        self.model_key = "expert.model" if root is None else "distill.student"  # which key sets the model (errors)
         self.spec = fmap.input_spec()
         self.K = max(1, int(cfg.checkpoints_per_stage))
 
@@ -253,7 +255,7 @@ class StreamExpert:
         if meta.get("model") != dict(self.cfg.model) or len(meta["checkpoints"]) != self.K + 1:
             raise RunStateError(
                 f"{meta_uri}: saved for model {meta.get('model')} with {len(meta['checkpoints']) - 1} checkpoints, "
-                f"but expert.model={dict(self.cfg.model)}, expert.checkpoints_per_stage={self.K}. Use a new run.dir."
+                f"but {self.model_key}={dict(self.cfg.model)}, expert.checkpoints_per_stage={self.K}. Use a new run.dir."
             )
         saved = meta.get("optimizer", "adam")
         if saved != self.cfg.optimizer:

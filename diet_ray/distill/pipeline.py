@@ -116,7 +116,7 @@ def _start_run(cfg: Config, chash: str, run_dir: str, store: StageStore, last: i
     for t in range(last + 1):  # id frequencies through the resumed stage
         for f, counts in enumerate(steps.id_counts(fmap, store.read_stage(t))):
             id_freq[f] += counts
-        for model in {id(expert): expert, id(student): student}.values():
+        for model in [expert] if student is expert else [expert, student]:
             if not model.has_stage(t):
                 raise RunStateError(f"stage {t} is committed but its checkpoints are missing under {model.root}; use a new run.dir")
     pool = None

@@ -106,7 +106,7 @@ def open_stage(run: RunParts, t: int) -> StageRun:
         run.pool.start()  # asynchronous: the actors start while the expert trains
     t0 = time.perf_counter()
     es = run.expert.load_stage(t) or run.expert.train_stage(t, rows)
-    ss = es if run.student is run.expert else run.student.load_stage(t) or run.student.train_stage(t, rows)
+    ss = es if run.student is run.expert else (run.student.load_stage(t) or run.student.train_stage(t, rows))
     return StageRun(t, rows, rows_seen, pos_rate, es, ss, times={"expert_s": time.perf_counter() - t0})
 
 

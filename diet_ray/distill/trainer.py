@@ -86,7 +86,8 @@ def fit_stage(
     save_every: int = 10,
 ) -> BilevelResult:
     """Refine the slots at ``refine_idx`` with ``cfg.ray.num_workers`` Train workers reading
-    ``dataset`` (the stage's rows), or in the driver when it is 0. Returns the updated shards
+    ``dataset`` (the stage's rows), or in the driver when it is 0, matching ``checkpoints``, a
+    trajectory of the model ``model`` (the bi-level student's candidate dict). Returns the updated shards
     and rank 0's final metrics."""
     from diet_ray.parallelism import workers as resolved_workers
 
