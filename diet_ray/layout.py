@@ -77,10 +77,6 @@ def student_root(run_dir: str) -> str:
     return fs.join(experts_root(run_dir), "student")
 
 
-def expert_stage_dir(run_dir: str, stage: int) -> str:
-    return fs.join(experts_root(run_dir), stage_name(stage))
-
-
 def influence_dir(run_dir: str, stage: int) -> str:
     return fs.join(run_dir, "influence", stage_name(stage))
 

@@ -12,7 +12,6 @@ from diet_ray.config import ExpertConfig
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
 from diet_ray.distill.expert import StreamExpert, split_reference
-from diet_ray.layout import expert_stage_dir
 from diet_ray.errors import RunStateError
 
 VOCAB = [30, 40, 6]
@@ -120,7 +119,7 @@ def test_out_of_order_and_changed_model_are_refused(tmp_path):
     # a stage whose meta.json (written last) is missing counts as absent
     (tmp_path / "expert" / "stage=0000" / "meta.json").unlink()
     assert ex.load_stage(0) is None
-    assert expert_stage_dir(str(tmp_path), 0).endswith("stage=0000")
+    assert ex.stage_dir(0).endswith("stage=0000")
 
 
 def test_expert_optimiser_is_recorded_and_a_stage_of_the_other_is_refused(tmp_path):

@@ -129,14 +129,13 @@ class _Payload:
 def test_a_malicious_expert_checkpoint_is_refused_not_executed(tmp_path):
     from diet_ray.config import ExpertConfig
     from diet_ray.distill.expert import StreamExpert
-    from diet_ray.layout import expert_stage_dir
     from test_expert import stage_rows, tiny_fmap
 
     fmap = tiny_fmap()
     cfg = ExpertConfig(model={"model": "lr"}, batch_size=64, checkpoints_per_stage=2, holdout_frac=0.1)
     ex = StreamExpert(fmap, cfg, seed=0, run_dir=str(tmp_path / "run"))
     ex.train_stage(0, stage_rows(0, 400))
-    ckpt = sorted(Path(expert_stage_dir(str(tmp_path / "run"), 0)).glob("ckpt-*.pt"))[-1]
+    ckpt = sorted(Path(ex.stage_dir(0)).glob("ckpt-*.pt"))[-1]
     marker = tmp_path / "pwned"
     buf = io.BytesIO()
     torch.save({"state": _Payload(marker)}, buf)

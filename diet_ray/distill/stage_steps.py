@@ -240,6 +240,7 @@ def reconcile_shards(run: RunParts, st: StageRun, shards: List[SlotMemory], plan
 def stage_metrics(run: RunParts, st: StageRun, merged: SlotMemory, plan: AddressPlan, bilevel: Dict[str, Any],
              init_info: Dict[str, Any], mix: Dict[str, Any], scored: bool) -> Dict[str, Any]:
     """The stage's results-line record (``reconcile_s`` and ``stage_s`` are added by ``run_stage``)."""
+    passes = [st.es] if st.ss is st.es else [st.es, st.ss]  # the student's own pass is part of the expert's cost
     return {
         "stage": st.t,
         "rows": len(st.rows),
@@ -259,9 +260,8 @@ def stage_metrics(run: RunParts, st: StageRun, merged: SlotMemory, plan: Address
         "pos_rate_stage": st.pos_rate,
         "pos_rate_memory": mix.get("pos_rate_memory"),
         "label_mix_ok": mix.get("label_mix_ok"),
-        # The student's pass, where it is another model, is part of the expert's cost.
-        "expert_sample_steps": st.es.sample_steps + (st.ss.sample_steps if st.ss is not st.es else 0),
-        "expert_wall_s": st.es.wall_s + (st.ss.wall_s if st.ss is not st.es else 0.0),
+        "expert_sample_steps": sum(p.sample_steps for p in passes),
+        "expert_wall_s": sum(p.wall_s for p in passes),
         "bilevel": bilevel,
         "workers": run.par.num_workers,
         # Which path ran: the bi-level step (driver | train_workers=N | skipped) and the rows'
