@@ -109,9 +109,9 @@ NOISE = re.compile(r"\b(WARNING|ERROR|CRITICAL|Warning|Error)\b|^\[[^\]]* [WEF] 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("extra", [
-    pytest.param([], id="defaults"),  # auto: the bi-level step in the driver; uniform rows, no scoring
+    pytest.param([], id="defaults"),  # auto: the bi-level step and the influence scoring in the driver
     # The actor pool on the local runtime (Ray's core worker logs an ERROR line per pool)
-    pytest.param(["memory.init=influence_filter", "influence.num_actors=1", "distill.outer_steps=0"], id="actor-pool"),
+    pytest.param(["influence.num_actors=1", "distill.outer_steps=0"], id="actor-pool"),
 ])
 @pytest.mark.slow
 def test_a_healthy_local_run_prints_no_warning_or_error_line(tmp_path, extra):
@@ -130,5 +130,5 @@ def test_a_healthy_local_run_prints_no_warning_or_error_line(tmp_path, extra):
     assert not [line for line in lines if NOISE.search(line)], out
     stages = [line for line in lines if line.startswith("stage ")]
     assert len(stages) == 2 and len(lines) == 2 + len(stages), out  # prepare's two lines, then the stages
-    path = "influence: actors=1" if extra else "bi-level: driver, influence: skipped"
+    path = "influence: actors=1" if extra else "bi-level: driver, influence: driver"
     assert all(path in line for line in stages), out

@@ -62,8 +62,8 @@ def test_run_movielens_resume_and_refuse(ray_local, movielens, configs_dir, tmp_
     assert out["new_stages"] == [0, 1] and not out["resumed"]
     _check_run(cfg.run.dir, 2, cfg.memory.ratio)
     first, second = out["per_stage"]
-    # The default draws new slots' rows uniformly: no row is scored.
-    assert all(m["influence_path"] == "skipped" and "init_filter" not in m for m in (first, second))
+    # The default draws new slots' rows through the influence filter, scored on the actor.
+    assert all(m["influence_path"] == "actors=1" and m["init_filter"] for m in (first, second))
     assert "recipe" not in second and "relabelled" not in second
     m0, m1 = load_stage_memory(cfg.run.dir, 0), load_stage_memory(cfg.run.dir, 1)
     big_l = float(cfg.memory.init_logit)

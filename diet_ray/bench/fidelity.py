@@ -24,8 +24,8 @@ Variants (DESIGN §9):
   ``bench.static_outer_steps=matched`` that job gets distill.outer_steps x (t+1) outer steps,
   the staged run's total, so the comparison is about stages, not optimisation budget.
 - Ablations at ``memory.ratio`` (``bench.ablations``, ``ABLATIONS``): no growth, gradient
-  matching, no bi-level step, the stage's own expert segments only, and two parts the default
-  leaves out switched on: the influence filter for new slots' rows and addressing.
+  matching, no bi-level step, the stage's own expert segments only, uniform rows behind new
+  slots instead of the influence filter's, and addressing (which the default leaves out) on.
 
 Memory epochs (``bench.memory_epochs``): candidates on every budget set train E epochs while
 full history keeps ``evaluate.train.epochs``; the first E is the headline's and the budget

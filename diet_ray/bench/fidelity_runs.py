@@ -28,8 +28,8 @@ ABLATIONS: Dict[str, Dict[str, Any]] = {
     "diet_addressing": {"memory.addressing": True},
     "diet_no_growth": {"memory.growth": False},
     "diet_gradient": {"distill.objective": "gradient"},
-    # Rows behind new slots are uniform in the default recipe; this measures the influence filter.
-    "diet_influence_init": {"memory.init": "influence_filter"},
+    # Uniform rows behind new slots instead of the influence filter's.
+    "diet_random_init": {"memory.init": "random"},
     # The selected rows as slots, with their initial supports, labels and weights: no outer step.
     "diet_no_bilevel": {"distill.outer_steps": 0},
     # The outer steps sample the stage's own segments only, not the path from the initialisation.

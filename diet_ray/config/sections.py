@@ -165,11 +165,11 @@ class MemoryConfig:
     replace_frac: float = 0.1  # addressing=True only
     refine_frac: float = 0.1  # addressing=True only
     label_tolerance: float = 0.05
-    # Rows behind new slots: random = uniform among the stage's rows (default: each influence
-    # form measured tied with it at paired seeds on all three logs, docs/method.md); the measured
-    # options influence_filter = uniform among rows with non-negative influence, influence = the
-    # most influential (DESIGN §5; it picks atypical rows).
-    init: str = "random"
+    # Rows behind new slots: influence_filter (default) = uniform among rows with non-negative
+    # influence on the stage's reference (ahead of uniform rows at the path + DNN-student recipe,
+    # docs/method.md, "Influence initialisation"); random = uniform among the stage's rows (the
+    # diet_random_init ablation); influence = the most influential (DESIGN §5; atypical rows).
+    init: str = "influence_filter"
     # Slot label logits: expert = the stream expert's logit (clipped to +-init_logit), a soft
     # label carrying what the whole stream taught; row = +-init_logit from the row's 0/1 label.
     label_init: str = "expert"

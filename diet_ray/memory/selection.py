@@ -5,8 +5,8 @@ wants, and ``scores``: a callable that scores the rows' influence on the stage's
 called. Only the influence policies call it, so the uniform one costs no scoring. Everything
 runs in numpy in the driver (a score is 8 bytes a row).
 
-- ``random`` (default): uniform rows per label.
-- ``influence_filter``: per label, a uniform draw among the rows that pass the filter
+- ``random``: uniform rows per label (the ``diet_random_init`` ablation).
+- ``influence_filter`` (default): per label, a uniform draw among the rows that pass the filter
   (influence >= 0), topped up at random from the rest. The draw is a hash of ``_row_id`` and
   the seed, so it does not depend on the order rows arrive in. A label is filtered only where
   at least ``FILTER_MIN_SHARE`` of its rows pass; below, its rows are drawn uniformly (the same
