@@ -167,7 +167,7 @@ class MemoryConfig:
     label_tolerance: float = 0.05
     # Rows behind new slots: influence_filter (default) = uniform among rows with non-negative
     # influence on the stage's reference (ahead of uniform rows at the path + DNN-student recipe,
-    # docs/method.md, "Influence initialisation"); random = uniform among the stage's rows (the
+    # docs/method.md, "Rows behind new slots"); random = uniform among the stage's rows (the
     # diet_random_init ablation); influence = the most influential (DESIGN §5; atypical rows).
     init: str = "influence_filter"
     # Slot label logits: expert = the stream expert's logit (clipped to +-init_logit), a soft
