@@ -107,6 +107,27 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
     with pytest.raises(RunStateError, match="stage 1 is missing"):
         ex.path_to(3, 3)
 
+
+def test_a_path_loaded_without_the_first_moment_gives_the_student_the_same_adam_state(tmp_path):
+    from diet_ray.distill.bilevel.inner_optim import AdamState
+
+    ex = StreamExpert(tiny_fmap(), CFG, seed=0, run_dir=str(tmp_path))
+    for t in range(3):
+        ex.train_stage(t, stage_rows(t))
+    full, lean = ex.path_to(2, 3), ex.path_to(2, 3, first_moment=False)
+    assert len(full) == len(lean) == 2
+    for a, b in zip(full, lean):
+        assert all("exp_avg" in st for st in a.optim["state"].values())
+        assert not any("exp_avg" in st for st in b.optim["state"].values())  # not held for the job
+        assert a.optim["param_groups"] == b.optim["param_groups"]
+        names = list(a.state)
+        like = {n: a.state[n].float() for n in names}
+        sa = AdamState.from_torch(a.optim, names, like, torch.device("cpu"), first_moment=False)
+        sb = AdamState.from_torch(b.optim, names, like, torch.device("cpu"), first_moment=False)
+        assert sa is not None and sb is not None and sa.step == sb.step and not sb.exp_avg
+        for n in sa.exp_avg_sq:
+            assert torch.equal(sa.exp_avg_sq[n], sb.exp_avg_sq[n])
+
 def test_out_of_order_and_changed_model_are_refused(tmp_path):
     fmap = tiny_fmap()
     ex = StreamExpert(fmap, CFG, seed=0, run_dir=str(tmp_path))

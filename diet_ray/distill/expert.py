@@ -81,6 +81,12 @@ def _save_torch(uri: str, obj) -> None:
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 
+def without_first_moment(optim: dict) -> dict:
+    """An Adam ``state_dict()`` without ``exp_avg`` (the rest shared, not copied)."""
+    state = {k: {n: t for n, t in st.items() if n != "exp_avg"} for k, st in optim.get("state", {}).items()}
+    return {**optim, "state": state}
+
+
 def _load_torch(uri: str):
     try:
         return torch.load(io.BytesIO(fs.read_bytes(uri)), map_location="cpu", weights_only=True)
@@ -275,12 +281,15 @@ class StreamExpert:
         files = [f"ckpt-{int(c['index']):02d}.pt" for c in meta["checkpoints"]] + ["ref.parquet"]
         return all(fs.exists(fs.join(d, f)) for f in files)
 
-    def path_to(self, stage: int, segments: int) -> List[ExpertCheckpoint]:
+    def path_to(self, stage: int, segments: int, first_moment: bool = True) -> List[ExpertCheckpoint]:
         """The expert's states on its path from its initialisation to the start of ``stage``,
         with their optimiser states: θ_0 of stage 0, then the last checkpoint of earlier stages,
         up to but not including the start of ``stage`` itself (its first checkpoint, which the
         caller holds). At most ``segments`` segments up to that start: every earlier stage's end
-        while ``stage <= segments``, else the stage ends nearest to even spacing."""
+        while ``stage <= segments``, else the stage ends nearest to even spacing.
+        ``first_moment=False`` drops Adam's ``exp_avg`` as each state loads: a student that starts
+        its own momentum never reads it, and K path states of it are a third of what a job holds
+        for the path (docs/performance.md, the current default's soak)."""
         if stage <= 0:
             return []
         ends = range(stage + 1) if stage <= segments else \
@@ -293,7 +302,10 @@ class StreamExpert:
                 raise RunStateError(f"{self.stage_dir(s)}: the expert for stage {s} is missing; "
                                     f"distill.segments=stream needs every stage before {stage}")
             ck = meta["checkpoints"][0 if b == 0 else -1]
-            path.append(self._load_checkpoint(s, int(ck["index"]), float(ck["lr"])))
+            c = self._load_checkpoint(s, int(ck["index"]), float(ck["lr"]))
+            if not first_moment and c.optim is not None:
+                c.optim = without_first_moment(c.optim)
+            path.append(c)
         return path
 
     def _load_checkpoint(self, stage: int, i: int, lr: float) -> ExpertCheckpoint:

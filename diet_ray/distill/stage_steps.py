@@ -212,7 +212,7 @@ def refine_slots(run: RunParts, st: StageRun, memory: SlotMemory, plan: AddressP
         if run.cfg.distill.segments == "stream" and st.t > 0:
             # The student's path from its initialisation to this stage's start in at most K
             # segments, then the stage's own K: one continuous trajectory.
-            checkpoints = run.student.path_to(st.t, run.student.K) + list(checkpoints)
+            checkpoints = run.student.path_to(st.t, run.student.K, run.cfg.distill.expert_momentum) + list(checkpoints)
         result = fit_stage(memory, plan.refine_idx, checkpoints, run.student.cfg.model, run.store.ray_dataset(st.t),
                            run.store.fmap, run.cfg, st.t, run.run_dir)
         return result.shards, result.metrics
