@@ -125,8 +125,10 @@ def test_a_path_loaded_without_the_first_moment_gives_the_student_the_same_adam_
         sa = AdamState.from_torch(a.optim, names, like, torch.device("cpu"), first_moment=False)
         sb = AdamState.from_torch(b.optim, names, like, torch.device("cpu"), first_moment=False)
         assert sa is not None and sb is not None and sa.step == sb.step and not sb.exp_avg
+        assert sa.exp_avg_sq and sa.exp_avg_sq.keys() == sb.exp_avg_sq.keys()
         for n in sa.exp_avg_sq:
             assert torch.equal(sa.exp_avg_sq[n], sb.exp_avg_sq[n])
+
 
 def test_out_of_order_and_changed_model_are_refused(tmp_path):
     fmap = tiny_fmap()
