@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diet_ray.config import ExpertConfig
 from diet_ray.data.feature_map import CategoricalField, FeatureMap, NumericField, StageInfo
 from diet_ray.data.stages import EncodedRows
+from diet_ray.distill.bilevel.inner_optim import AdamState
 from diet_ray.distill.expert import StreamExpert, split_reference
 from diet_ray.errors import RunStateError
 
@@ -109,8 +110,6 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
 
 
 def test_a_path_loaded_without_the_first_moment_gives_the_student_the_same_adam_state(tmp_path):
-    from diet_ray.distill.bilevel.inner_optim import AdamState
-
     ex = StreamExpert(tiny_fmap(), CFG, seed=0, run_dir=str(tmp_path))
     for t in range(3):
         ex.train_stage(t, stage_rows(t))

@@ -2,8 +2,8 @@
 memories recorded in ``tests/data/golden_memory.json`` (hashes of every slot array), for uniform
 rows behind new slots (the recipe's default when the file was recorded, now the
 ``diet_random_init`` ablation) and for the influence filter with addressing on. The default (the
-filter without addressing) differs from the second by addressing alone; it gets its own hashes
-at the next recording on the canary's machine.
+filter without addressing) differs from the second by addressing alone and is not among the
+recipes yet: adding it needs its hashes, recorded with ``--record`` on the canary's machine.
 
 Byte identity is a property of one machine's floating-point kernels. The golden file also
 holds a canary: the hash of a few Adam steps of a small model with the same kernels. Where the

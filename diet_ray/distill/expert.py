@@ -81,7 +81,7 @@ def _save_torch(uri: str, obj) -> None:
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 
-def without_first_moment(optim: dict) -> dict:
+def _without_first_moment(optim: dict) -> dict:
     """An Adam ``state_dict()`` without ``exp_avg`` (the rest shared, not copied)."""
     state = {k: {n: t for n, t in st.items() if n != "exp_avg"} for k, st in optim.get("state", {}).items()}
     return {**optim, "state": state}
@@ -304,7 +304,7 @@ class StreamExpert:
             ck = meta["checkpoints"][0 if b == 0 else -1]
             c = self._load_checkpoint(s, int(ck["index"]), float(ck["lr"]))
             if not first_moment and c.optim is not None:
-                c.optim = without_first_moment(c.optim)
+                c.optim = _without_first_moment(c.optim)
             path.append(c)
         return path
 
