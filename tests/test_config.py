@@ -193,7 +193,7 @@ def test_the_configs_strategy_names_are_the_registries():
 def test_the_fidelity_variant_names_are_the_benchs_registry():
     from diet_ray.bench.fidelity_variants import VARIANTS
 
-    assert sorted(VARIANTS) == sorted(C.FIDELITY_VARIANTS)
+    assert sorted(VARIANTS) == sorted(C.FIDELITY_VARIANTS + C.MEMORY_PROBES)
 
 
 def test_a_models_mapping_replaces_the_default_models_whole(tmp_path):

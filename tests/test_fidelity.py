@@ -179,6 +179,36 @@ def test_addressing_option_replaces_stale_slots_and_refines_a_subset(tmp_path, m
     assert second["refined"] == len(m1) - n_kept + math.ceil(0.2 * n_kept) < len(m1)
 
 
+@pytest.mark.ray
+def test_a_probe_relabels_the_diet_runs_own_memory(tmp_path, ml_small, configs_dir, ray_local):
+    """Through the bench: the probe reads the ``diet`` run of the same seed (no run of its own),
+    changes its supports and takes the stream expert's labels for the changed slots."""
+    from diet_ray.bench.fidelity_bench import FidelityBench
+    from diet_ray.bench.fidelity_signals import ExpertSignals
+    from diet_ray.bench.fidelity_variants import VARIANTS, StageContext
+
+    cfg = _small_cfg(ml_small, configs_dir, tmp_path, "distill.outer_steps=3", "distill.inner_steps=2", "distill.unroll=1")
+    out = str(tmp_path / "bench")
+    bench = FidelityBench(cfg, out, verbose=False)
+    t = bench.stages[0]
+    hist = bench.store.read_history(t)
+    signals = ExpertSignals(cfg, bench.store, out, seed=11)
+    ctx = StageContext(cfg, hist, [s.rows for s in bench.fmap.stages], stage=t, seed=11, signals=signals, runs=bench.runs)
+    caps = bench.capacities(t, 0.02)
+    diet, cost = VARIANTS["diet"].training_set(ctx, 0.02, caps)
+    probed, none = VARIANTS["probe_supports_init"].training_set(ctx, 0.02, caps)
+    assert cost is not None and none is None
+    assert sorted(p.name for p in (tmp_path / "bench" / "runs").iterdir()) == [cost["run_dir"].rsplit("/", 1)[-1]]
+    k = cfg.memory.support_k
+    init = torch.zeros(k)
+    init[0] = cfg.memory.init_logit
+    assert torch.allclose(probed.probs, torch.softmax(init, 0).expand_as(probed.probs))
+    assert not torch.allclose(diet.probs, probed.probs)  # the outer steps moved the supports
+    assert torch.equal(probed.ids, diet.ids) and torch.equal(probed.weight, diet.weight)
+    want = signals.teacher_labelled(t, probed).label
+    assert torch.equal(probed.label, want) and not torch.equal(probed.label, diet.label)
+
+
 def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
     from diet_ray.run_dir import prepare
 

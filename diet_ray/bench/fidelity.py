@@ -23,6 +23,9 @@ Variants (DESIGN §9):
   single stage is D_1..D_t concatenated, and the unchanged pipeline distills it once. With
   ``bench.static_outer_steps=matched`` that job gets distill.outer_steps x (t+1) outer steps,
   the staged run's total, so the comparison is about stages, not optimisation budget.
+- Memory probes (named in ``bench.variants``, never by default; ``memory_probes``): the ``diet``
+  memory of the same seed with one outer variable of the bi-level step put back or shuffled
+  across slots, relabelled by the stream expert. What each variable's moves are worth.
 - Ablations at ``memory.ratio`` (``bench.ablations``, ``ABLATIONS``): no growth, gradient
   matching, no bi-level step, the stage's own expert segments only, uniform rows behind new
   slots instead of the influence filter's, and addressing (which the default leaves out) on.

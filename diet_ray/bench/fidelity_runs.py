@@ -12,12 +12,13 @@ from typing import Any, Dict, Sequence, Tuple
 
 from diet_ray import layout
 from diet_ray.bench.fidelity_summary import FULL, FULL_SINGLE, REFERENCE
-from diet_ray.config import FIDELITY_VARIANTS, Config, config_hash, load_config
+from diet_ray.config import FIDELITY_VARIANTS, MEMORY_PROBES, Config, config_hash, load_config
 from diet_ray.data import fs
 from diet_ray.data.feature_map import FeatureMap, StageInfo
 from diet_ray.data.stages import StageStore
 from diet_ray.errors import ConfigError, RunStateError
-from diet_ray.evaluate.runner import load_memory_batch
+from diet_ray.evaluate.runner import load_memory_slots
+from diet_ray.memory.slots import SlotMemory
 from diet_ray.schema import Batch
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def diet_variants(cfg: Config) -> Dict[str, Dict[str, Any]]:
     ``bench.diet_variants``, each {name: {dotted key: value}}, checked like a config."""
     out = dict(ABLATIONS) if cfg.bench.ablations else {}
     for name, changes in (cfg.bench.diet_variants or {}).items():
-        if name in out or name in FIDELITY_VARIANTS or name in (FULL, FULL_SINGLE, REFERENCE):
+        if name in out or name in FIDELITY_VARIANTS + MEMORY_PROBES or name in (FULL, FULL_SINGLE, REFERENCE):
             raise ConfigError(f"bench.diet_variants: '{name}' is taken by a variant or an ablation; choose another name")
         if not isinstance(changes, dict) or not changes:
             raise ConfigError(f"bench.diet_variants.{name} must map config keys to values, e.g. {{memory.init: random}}")
@@ -152,13 +153,19 @@ class DietRuns:
     def memory(self, name: str, seed: int, budget: float, groups: Sequence[Sequence[int]], stage: int,
                changes: Dict[str, Any]) -> Tuple[Batch, Dict[str, Any]]:
         """The committed memory of ``stage`` of the run ``name`` on the stage ``groups``, and its cost."""
+        slots, cost = self.slots(name, seed, budget, groups, stage, changes)
+        return slots.to_batch(self.cfg.memory.temperature), cost
+
+    def slots(self, name: str, seed: int, budget: float, groups: Sequence[Sequence[int]], stage: int,
+              changes: Dict[str, Any]) -> Tuple[SlotMemory, Dict[str, Any]]:
+        """``memory``'s slots before they become a batch (the probes read their rows and supports)."""
         t0 = time.perf_counter()
         run_dir = distill_run(self.cfg, self.store, self.out, name, seed, budget, groups, changes, self.verbose)
         self.distill_s += time.perf_counter() - t0
         rcfg = copy.deepcopy(self.cfg)
         for key, val in changes.items():
             set_key(rcfg, key, val)
-        mem = load_memory_batch(run_dir, stage, self.cfg.memory.temperature)
-        if len(mem) == 0:
+        slots = load_memory_slots(run_dir, stage)
+        if len(slots) == 0:
             raise RunStateError(f"{run_dir}: stage {stage} committed an empty memory; nothing to train candidates on")
-        return mem, {"run_dir": run_dir, **distill_cost(run_dir, stage, rcfg)}
+        return slots, {"run_dir": run_dir, **distill_cost(run_dir, stage, rcfg)}

@@ -18,6 +18,7 @@ from diet_ray.bench.subsets import coreset_subset, influence_topk_stagewise, ran
 from diet_ray.bench.fidelity import budget_tag
 from diet_ray.bench.fidelity_runs import DietRuns
 from diet_ray.bench.fidelity_signals import ExpertSignals
+from diet_ray.bench.memory_probes import PROBES
 from diet_ray.config import Config, derive_seed
 from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import ConfigError
@@ -152,6 +153,28 @@ class DietMemory(Variant):
         return runs.memory(f"{self.name}-s{ctx.rep}-b{budget_tag(budget)}", ctx.seed, budget, groups, ctx.stage, self.changes)
 
 
+class MemoryProbe(Variant):
+    """The ``diet`` run's committed memory with one outer variable put back or shuffled
+    (``memory_probes``), relabelled by the stream expert as the run's commit is. No cost of its
+    own: it reuses the ``diet`` run of the same seed."""
+
+    main_budget_only = True
+
+    def __init__(self, name: str):
+        self.name = name
+        self.probe = PROBES[name]
+
+    def training_set(self, ctx: StageContext, budget: float, caps: Sequence[int]) -> Tuple[Batch, Cost]:
+        runs = ctx.diet_runs()
+        groups = [[s] for s in range(runs.last_stage + 1)]
+        slots, _ = runs.slots(f"{DietMemory.name}-s{ctx.rep}-b{budget_tag(budget)}", ctx.seed, budget, groups, ctx.stage, {})
+        rng = np.random.default_rng(derive_seed(ctx.seed, "probe", self.name, ctx.stage))
+        probed = self.probe(slots, ctx.hist, float(ctx.cfg.memory.init_logit), rng)
+        batch = probed.to_batch(ctx.cfg.memory.temperature)
+        label = ctx.signals.teacher_labelled(ctx.stage, batch).label
+        return Batch(batch.ids, batch.numeric, label, batch.probs, batch.weight), None
+
+
 class Static(Variant):
     """One-shot distillation of D_1..D_t as a single stage (``bench.static_outer_steps=matched``:
     the staged run's total outer steps)."""
@@ -167,7 +190,8 @@ class Static(Variant):
         return ctx.diet_runs().memory(name, ctx.seed, budget, [list(range(ctx.stage + 1))], 0, changes)
 
 
-VARIANTS: Dict[str, Variant] = {v.name: v for v in (DietMemory(), Random(), RandomTeacher(), Reservoir(), Recent(), InfluenceTopK(), Coreset(), Static())}
+VARIANTS: Dict[str, Variant] = {v.name: v for v in (DietMemory(), Random(), RandomTeacher(), Reservoir(), Recent(), InfluenceTopK(), Coreset(),
+                                                    Static(), *(MemoryProbe(n) for n in PROBES))}
 
 
 def variant_named(name: str) -> Variant:

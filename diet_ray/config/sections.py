@@ -271,6 +271,10 @@ class EvaluateConfig:
 
 
 FIDELITY_VARIANTS = ("diet", "random", "random_teacher", "reservoir", "recent", "influence_topk", "coreset", "static")
+# DIET's committed memory with one outer variable of the bi-level step put back or shuffled across
+# slots (diet_ray/bench/memory_probes.py); named in bench.variants, never run by default.
+MEMORY_PROBES = ("probe_supports_init", "probe_supports_shuffled", "probe_unit_weights", "probe_numeric_rows",
+                 "probe_numeric_shuffled")
 
 
 @dataclass

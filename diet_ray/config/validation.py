@@ -5,7 +5,7 @@ import difflib
 from typing import Any
 
 from diet_ray.config.sections import (EXPERT_OPTIMIZERS, FIDELITY_VARIANTS, INFLUENCE_ESTIMATORS, LABEL_INITS,
-                                      MEMORY_INITS, OPTIMIZERS, Config)
+                                      MEMORY_INITS, MEMORY_PROBES, OPTIMIZERS, Config)
 from diet_ray.errors import ConfigError
 
 
@@ -63,7 +63,7 @@ def validate(cfg: Config) -> None:
     for v in cfg.evaluate.variants:
         one_of("evaluate.variants[]", v, ("full", "memory"))
     for v in cfg.bench.variants:
-        one_of("bench.variants[]", v, FIDELITY_VARIANTS)
+        one_of("bench.variants[]", v, FIDELITY_VARIANTS + MEMORY_PROBES)
     for b in cfg.bench.budgets:
         in_range("bench.budgets[]", b, 1e-6, 1.0)
     if not cfg.bench.memory_epochs or any(int(e) < 1 for e in cfg.bench.memory_epochs):

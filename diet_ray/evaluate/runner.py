@@ -76,6 +76,11 @@ def check_stages(stages: Optional[List[int]], num_stages: int) -> List[int]:
 
 
 def load_memory_batch(run_dir: str, stage: int, temperature: float) -> Batch:
+    return load_memory_slots(run_dir, stage).to_batch(temperature)
+
+
+def load_memory_slots(run_dir: str, stage: int):
+    """The committed slots of ``stage`` (a ``SlotMemory``); RunStateError naming the missing marker."""
     if not layout.is_committed(run_dir, stage):
         marker = fs.join(layout.committed_stage_dir(run_dir, stage), layout.SUCCESS)
         raise RunStateError(
@@ -84,7 +89,7 @@ def load_memory_batch(run_dir: str, stage: int, temperature: float) -> Batch:
         )
     from diet_ray.memory.store import load_stage_memory
 
-    return load_stage_memory(run_dir, stage).to_batch(temperature)
+    return load_stage_memory(run_dir, stage)
 
 
 # ------------------------------------------------------------------------------- executors
