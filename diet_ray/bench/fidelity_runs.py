@@ -149,6 +149,9 @@ class DietRuns:
     def __init__(self, cfg: Config, store: StageStore, out: str, last_stage: int, verbose: bool):
         self.cfg, self.store, self.out, self.last_stage, self.verbose = cfg, store, out, last_stage, verbose
         self.distill_s = 0.0  # this invocation's distillation time (resumed runs cost nothing)
+        # Run dirs already distilled or resumed in this invocation: the probes read the ``diet``
+        # run again, and a second resume would rewrite its prepared copy and log it again.
+        self._run_dirs: Dict[str, str] = {}
 
     def memory(self, name: str, seed: int, budget: float, groups: Sequence[Sequence[int]], stage: int,
                changes: Dict[str, Any]) -> Tuple[Batch, Dict[str, Any]]:
@@ -159,9 +162,12 @@ class DietRuns:
     def slots(self, name: str, seed: int, budget: float, groups: Sequence[Sequence[int]], stage: int,
               changes: Dict[str, Any]) -> Tuple[SlotMemory, Dict[str, Any]]:
         """``memory``'s slots before they become a batch (the probes read their rows and supports)."""
-        t0 = time.perf_counter()
-        run_dir = distill_run(self.cfg, self.store, self.out, name, seed, budget, groups, changes, self.verbose)
-        self.distill_s += time.perf_counter() - t0
+        key = json.dumps([name, seed, budget, [list(g) for g in groups], changes], sort_keys=True, default=str)
+        if key not in self._run_dirs:
+            t0 = time.perf_counter()
+            self._run_dirs[key] = distill_run(self.cfg, self.store, self.out, name, seed, budget, groups, changes, self.verbose)
+            self.distill_s += time.perf_counter() - t0
+        run_dir = self._run_dirs[key]
         rcfg = copy.deepcopy(self.cfg)
         for key, val in changes.items():
             set_key(rcfg, key, val)

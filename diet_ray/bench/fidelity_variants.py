@@ -22,6 +22,7 @@ from diet_ray.bench.memory_probes import PROBES
 from diet_ray.config import Config, derive_seed
 from diet_ray.data.stages import EncodedRows
 from diet_ray.errors import ConfigError
+from diet_ray.memory.slots import SlotMemory
 from diet_ray.schema import Batch
 
 Cost = Optional[Dict[str, Any]]  # a DIET run's distillation cost; None for real-row sets
@@ -147,10 +148,15 @@ class DietMemory(Variant):
             self.name = name
         self.changes = dict(changes or {})
 
-    def training_set(self, ctx: StageContext, budget: float, caps: Sequence[int]) -> Tuple[Batch, Cost]:
+    def slots(self, ctx: StageContext, budget: float) -> Tuple[SlotMemory, Dict[str, Any]]:
+        """The run's committed slots at ``ctx.stage``, and the run's cost."""
         runs = ctx.diet_runs()
         groups = [[s] for s in range(runs.last_stage + 1)]
-        return runs.memory(f"{self.name}-s{ctx.rep}-b{budget_tag(budget)}", ctx.seed, budget, groups, ctx.stage, self.changes)
+        return runs.slots(f"{self.name}-s{ctx.rep}-b{budget_tag(budget)}", ctx.seed, budget, groups, ctx.stage, self.changes)
+
+    def training_set(self, ctx: StageContext, budget: float, caps: Sequence[int]) -> Tuple[Batch, Cost]:
+        slots, cost = self.slots(ctx, budget)
+        return slots.to_batch(ctx.cfg.memory.temperature), cost
 
 
 class MemoryProbe(Variant):
@@ -165,9 +171,7 @@ class MemoryProbe(Variant):
         self.probe = PROBES[name]
 
     def training_set(self, ctx: StageContext, budget: float, caps: Sequence[int]) -> Tuple[Batch, Cost]:
-        runs = ctx.diet_runs()
-        groups = [[s] for s in range(runs.last_stage + 1)]
-        slots, _ = runs.slots(f"{DietMemory.name}-s{ctx.rep}-b{budget_tag(budget)}", ctx.seed, budget, groups, ctx.stage, {})
+        slots, _ = DietMemory().slots(ctx, budget)
         rng = np.random.default_rng(derive_seed(ctx.seed, "probe", self.name, ctx.stage))
         probed = self.probe(slots, ctx.hist, float(ctx.cfg.memory.init_logit), rng)
         batch = probed.to_batch(ctx.cfg.memory.temperature)

@@ -8,7 +8,7 @@ moves are worth; a shuffled probe that ties DIET says the gain lies in the moves
 which slot they moved. No probe distils anything: they reuse the ``diet`` run of the same seed.
 
 - ``probe_supports_init``: every field's support logits back at ``[L, 0, ..., 0]`` (the slot's
-  own row id first, as ``SlotMemory.from_rows`` starts them); ids unchanged;
+  own row id first: ``initial_support_logits``, as new slots start); ids unchanged;
 - ``probe_supports_shuffled``: each field's support logits permuted across slots (every slot's
   logits start equal, so these are the moves, shuffled); ids unchanged;
 - ``probe_unit_weights``: every slot's weight 1;
@@ -25,16 +25,9 @@ import numpy as np
 import torch
 
 from diet_ray.data.stages import EncodedRows
-from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory
+from diet_ray.memory.slots import UNIT_WEIGHT_PARAM, SlotMemory, initial_support_logits
 
 Probe = Callable[[SlotMemory, EncodedRows, float, np.random.Generator], SlotMemory]
-
-
-def _initial_logits(mem: SlotMemory, init_logit: float) -> torch.Tensor:
-    out = torch.zeros_like(mem.logits)
-    if out.numel():
-        out[:, :, 0] = init_logit
-    return out
 
 
 def _permutation(n: int, rng: np.random.Generator) -> torch.Tensor:
@@ -45,20 +38,17 @@ def source_numeric(mem: SlotMemory, hist: EncodedRows) -> torch.Tensor:
     """Each slot's numeric features at its source row's values (a slot whose row is not in
     ``hist``, or that has none, keeps its own)."""
     out = mem.numeric.detach().clone()
-    if not len(mem) or out.shape[1] == 0:
+    if not len(mem) or out.shape[1] == 0 or not len(hist):
         return out
     order = np.argsort(hist.row_id, kind="stable")
-    at = np.searchsorted(hist.row_id, mem.source_row, sorter=order).clip(0, max(len(order) - 1, 0))
-    found = (mem.source_row >= 0) & (len(order) > 0)
-    if len(order):
-        found &= hist.row_id[order[at]] == mem.source_row
-    rows = order[at[found]]
-    out[torch.as_tensor(np.flatnonzero(found))] = torch.as_tensor(np.asarray(hist.num[rows], dtype=np.float32))
+    at = order[np.searchsorted(hist.row_id, mem.source_row, sorter=order).clip(0, len(order) - 1)]
+    found = (mem.source_row >= 0) & (hist.row_id[at] == mem.source_row)
+    out[torch.as_tensor(np.flatnonzero(found))] = torch.as_tensor(np.asarray(hist.num[at[found]], dtype=np.float32))
     return out
 
 
 def supports_init(mem: SlotMemory, hist: EncodedRows, init_logit: float, rng: np.random.Generator) -> SlotMemory:
-    return dataclasses.replace(mem, logits=_initial_logits(mem, init_logit))
+    return dataclasses.replace(mem, logits=torch.from_numpy(initial_support_logits(*mem.logits.shape, init_logit)))
 
 
 def supports_shuffled(mem: SlotMemory, hist: EncodedRows, init_logit: float, rng: np.random.Generator) -> SlotMemory:

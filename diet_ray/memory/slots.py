@@ -27,6 +27,14 @@ META_FIELDS = ("slot_id", "born_stage", "updated_stage", "last_influence", "sour
 UNIT_WEIGHT_PARAM = math.log(math.expm1(1.0))
 
 
+def initial_support_logits(n: int, fields: int, k: int, init_logit: float) -> np.ndarray:
+    """A new slot's support logits [n, fields, k]: its row's own id (support 0) at ``init_logit``,
+    the other supports at 0."""
+    logits = np.zeros((n, fields, k), dtype=np.float32)
+    logits[:, :, 0] = init_logit
+    return logits
+
+
 def invariant_error(origin: str, what: str, slot: Optional[int] = None) -> RunStateError:
     """The error for a violated memory invariant, naming where the slots came from."""
     at = f" at slot {slot}" if slot is not None else ""
@@ -218,8 +226,7 @@ class SlotMemory:
                 if k > 1:
                     freq = id_freq[f] if id_freq is not None else np.bincount(rows.cat[:, f], minlength=1)
                     ids[:, f, 1:] = _draw_excluding(rows.cat[:, f], np.asarray(freq, dtype=np.float64), k - 1, rng)
-        logits = np.zeros((n, nf, k), dtype=np.float32)
-        logits[:, :, 0] = big_l
+        logits = initial_support_logits(n, nf, k, big_l)
         label_logit = np.where(rows.label >= 0.5, big_l, -big_l).astype(np.float32)
         infl = np.zeros(n, np.float64) if influence is None else np.asarray(influence, np.float64).copy()
         return SlotMemory(
