@@ -209,6 +209,18 @@ def test_a_probe_relabels_the_diet_runs_own_memory(tmp_path, ml_small, configs_d
     assert torch.equal(probed.label, want) and not torch.equal(probed.label, diet.label)
 
 
+def test_a_numeric_probe_on_a_log_without_numeric_fields_is_refused(tmp_path, ml_small, configs_dir):
+    """MovieLens has no numeric fields: the probe would train a copy of DIET's memory, so the
+    bench says so before it trains anything."""
+    from diet_ray.bench.fidelity_bench import FidelityBench
+
+    cfg = _small_cfg(ml_small, configs_dir, tmp_path, "bench.variants=[diet,probe_numeric_rows]")
+    out = tmp_path / "bench"
+    with pytest.raises(ConfigError, match="probe_numeric_rows probe numeric features .* has none; drop them"):
+        FidelityBench(cfg, str(out), verbose=False)
+    assert not (out / "runs").exists() and not (out / "train_cache.jsonl").exists()
+
+
 def test_prepared_groups_merge_stages(tmp_path, ml_small, configs_dir):
     from diet_ray.run_dir import prepare
 

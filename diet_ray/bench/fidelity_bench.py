@@ -21,6 +21,7 @@ from diet_ray.bench.fidelity_runs import DietRuns, diet_variants
 from diet_ray.bench.fidelity_signals import ExpertSignals
 from diet_ray.bench.fidelity_summary import FULL, FULL_SINGLE, REFERENCE, Reference, fidelity_metrics, summarize
 from diet_ray.bench.fidelity_variants import DietMemory, StageContext, Variant, variant_named
+from diet_ray.bench.memory_probes import NUMERIC_PROBES
 from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import EncodedRows, StageStore
@@ -58,6 +59,11 @@ class FidelityBench:
         self.main_budget = float(cfg.memory.ratio)
         self.budgets = sorted({float(b) for b in cfg.bench.budgets} | {self.main_budget})
         self.variants: List[Variant] = [variant_named(v) for v in dict.fromkeys(cfg.bench.variants)]
+        numeric_probes = [v for v in dict.fromkeys(cfg.bench.variants) if v in NUMERIC_PROBES]
+        if numeric_probes and not self.fmap.numeric:
+            # Without numeric fields the probe would train a second copy of DIET's memory.
+            raise ConfigError(f"bench.variants: {', '.join(numeric_probes)} probe numeric features and "
+                              f"{cfg.data.source} has none; drop them from bench.variants")
         self.epochs = [int(e) for e in dict.fromkeys(cfg.bench.memory_epochs)]
         self.reference: Dict[int, Reference] = {}
         self.extra_runs = [DietMemory(name, changes) for name, changes in diet_variants(cfg).items()]

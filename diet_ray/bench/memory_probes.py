@@ -70,6 +70,8 @@ def numeric_shuffled(mem: SlotMemory, hist: EncodedRows, init_logit: float, rng:
     return dataclasses.replace(mem, numeric=rows + moves[_permutation(len(mem), rng)])
 
 
+NUMERIC_PROBES = ("probe_numeric_rows", "probe_numeric_shuffled")
+
 PROBES: Dict[str, Probe] = {
     "probe_supports_init": supports_init,
     "probe_supports_shuffled": supports_shuffled,
