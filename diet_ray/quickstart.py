@@ -9,9 +9,9 @@ evaluate`` does (train on the history D_1..D_t, test on D_{t+1}): every candidat
 - ``random``: a uniform random subset of the history with as many rows as the memory has
   slots (``diet_ray.bench.subsets.random_subset``, the fidelity bench's ``random``),
 
-each with the fidelity bench's candidate-training protocol (``bench.fidelity.protocol_for``:
-the same optimiser and learning rate, a batch that gives a small set about
-``bench.steps_per_epoch`` steps per epoch). The verdict compares each small set's ranking of
+each with the candidate-training protocol of ``diet_ray.evaluate.protocol`` (the fidelity
+bench's: the same optimiser and learning rate, a batch that gives a small set about
+``bench.steps_per_epoch`` steps per epoch; the small sets train ``evaluate.memory_epochs``). The verdict compares each small set's ranking of
 the candidates with full history's: Kendall τ, top-1 regret (the full-history AUC lost by
 picking the candidate the set ranks first) and the cost ratio (full history's training
 sample-steps over the set's).
@@ -22,7 +22,6 @@ against memory and random AUC per candidate, τ in the title); the verdict table
 """
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import math
@@ -46,9 +45,9 @@ VERDICT_PNG = "verdict.png"
 def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     """Run every stage, train the candidates on full / memory / random at the last evaluable
     stage, write and print the verdict; returns the verdict record."""
-    from diet_ray.bench.fidelity import protocol_for
     from diet_ray.data.stages import StageStore
     from diet_ray.distill.pipeline import run
+    from diet_ray.evaluate.protocol import memory_protocol, protocol_for
     from diet_ray.evaluate.runner import CandidateRunner, check_candidates, check_stages, load_memory_batch
     from diet_ray.bench.subsets import random_subset
 
@@ -74,9 +73,8 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     by_set: Dict[str, Dict[str, Dict[str, Any]]] = {}
     records: List[Dict[str, Any]] = []
     for name, batch in sets.items():
-        tc = protocol_for(len(batch), cfg)
-        runner.cfg = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, train=tc))
-        out = runner.run(cands, seeds, runner.put(batch), test_ref, desc=f"stage {t} {name}")
+        tc = protocol_for(len(batch), cfg) if name == "full" else memory_protocol(len(batch), cfg)
+        out = runner.run(cands, seeds, runner.put(batch), test_ref, desc=f"stage {t} {name}", tc=tc)
         by_set[name] = {}
         for c, seed, r in zip(cands, seeds, out):
             rec = {**base, **r, "candidate": c.name, "model": c.model, "variant": name, "seed": seed, "batch_size": tc.batch_size}

@@ -152,7 +152,10 @@ def test_popularity_field_override_is_checked(tmp_path):
         evaluate(cfg_for(run_dir, "evaluate.popularity_field=itm"))
 
 
-def test_memory_variant_trains_on_the_committed_memory(tmp_path):
+def test_memory_variant_trains_on_the_committed_memory_with_the_memory_protocol(tmp_path):
+    """The memory trains evaluate.memory_epochs epochs in batches of about 1/steps_per_epoch of
+    it; full history keeps evaluate.train's epochs under the same batch rule (at the configured
+    batch a 300-slot memory would take two optimiser steps in all)."""
     slots = pytest.importorskip("diet_ray.memory.slots")
     memory_store = pytest.importorskip("diet_ray.memory.store")
     from diet_ray.config import MemoryConfig, config_hash
@@ -160,7 +163,8 @@ def test_memory_variant_trains_on_the_committed_memory(tmp_path):
 
     run_dir = str(tmp_path / "run")
     make_prepared(run_dir)
-    cfg = cfg_for(run_dir, "evaluate.variants=[full,memory]", "evaluate.stages=[0]", "evaluate.candidates=[{model: lr, lr: 0.05}, {model: fm, embed_dim: 4}]")
+    cfg = cfg_for(run_dir, "evaluate.variants=[full,memory]", "evaluate.stages=[0]", "evaluate.candidates=[{model: lr, lr: 0.05}, {model: fm, embed_dim: 4}]",
+                  "evaluate.memory_epochs=4", "bench.steps_per_epoch=10")
     store = StageStore(run_dir)
     rows = store.read_stage(0).slice(0, 300)
     mem = slots.SlotMemory.from_rows(rows, store.fmap, MemoryConfig(), 0, 0, np.random.default_rng(0))
@@ -171,7 +175,9 @@ def test_memory_variant_trains_on_the_committed_memory(tmp_path):
     full_recs = [r for r in recs if r["variant"] == "full" and r["candidate"] != "popularity"]
     assert [r["candidate"] for r in mem_recs] == [r["candidate"] for r in full_recs]
     for m, f in zip(mem_recs, full_recs):
-        assert m["train_rows"] == 300 and m["sample_steps"] == 2 * 300 and f["train_rows"] == 1500
+        assert m["train_rows"] == 300 and m["sample_steps"] == 4 * 300 and f["train_rows"] == 1500
+        assert (m["train_epochs"], m["batch_size"]) == (4, 300 // 10)
+        assert (f["train_epochs"], f["batch_size"], f["sample_steps"]) == (2, 1500 // 10, 2 * 1500)
         assert m["seed"] == f["seed"]  # same initialisation; only the data differs
         assert 0.5 < m["auc"] < 1
 

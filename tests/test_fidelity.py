@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from diet_ray.bench import subsets as S
-from diet_ray.bench.fidelity import batch_size_for, eval_stages
+from diet_ray.bench.fidelity import eval_stages
+from diet_ray.evaluate.protocol import batch_size_for
 from diet_ray.bench.fidelity_bench import bench_fidelity
 from diet_ray.bench.fidelity_report import redraw
 from diet_ray.bench.fidelity_runs import write_prepared_groups

@@ -47,6 +47,9 @@ def test_quickstart_prints_and_writes_a_verdict(ray_local, tmp_path, capsys):
     assert v["distill"]["sample_steps"] > 0
     evaluated = [r for r in recs if r["kind"] == "evaluate"]
     assert {r["variant"] for r in evaluated} == {"full", "memory", "random"} and len(evaluated) == 9
+    # Full history 2 epochs, the two small sets evaluate.memory_epochs (3) in small batches.
+    assert {(r["variant"], r["sample_steps"] // r["train_rows"]) for r in evaluated} == {("full", 2), ("memory", 3), ("random", 3)}
+    assert all(r["batch_size"] < 256 for r in evaluated if r["variant"] != "full")
     png = run_dir / "report" / "verdict.png"
     assert v["plot"] == str(png) and png.stat().st_size > 5000
     # The table and the plain-words line, with the numbers of the record.

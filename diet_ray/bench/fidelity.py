@@ -30,20 +30,18 @@ Variants (DESIGN §9):
   matching, no bi-level step, the stage's own expert segments only, uniform rows behind new
   slots instead of the influence filter's, and addressing (which the default leaves out) on.
 
-Memory epochs (``bench.memory_epochs``): candidates on every budget set train E epochs while
-full history keeps ``evaluate.train.epochs``; the first E is the headline's and the budget
-sweep's, the others run at ``memory.ratio``.
+Memory epochs (``bench.memory_epochs``, empty: ``evaluate.memory_epochs``): candidates on every
+budget set train E epochs while full history keeps ``evaluate.train.epochs``; the first E is
+the headline's and the budget sweep's, the others run at ``memory.ratio``.
 
 DIET runs distill only the stages needed: their prepared stream is a copy of stages 0..t_max
 (the last evaluated stage), so the test stage is never seen. Every run dir is resumed when
 present, and candidate results are cached in ``OUT/train_cache.jsonl`` by (data, variant,
 budget, seed, stage, candidate, protocol), so a rerun with more seeds only trains what is new.
 
-Candidate-training protocol (fair, fixed in config): every training set of N rows gets
-``evaluate.train`` (optimiser, lr, weight decay, min_steps) with one batch rule,
-batch = clamp(ceil(N / bench.steps_per_epoch), bench.min_batch, evaluate.train.batch_size):
-full history keeps the configured batch, a 1% set gets small batches so an epoch still takes
-about steps_per_epoch optimiser steps. Nothing of D_{t+1} is used before the final test.
+Candidate-training protocol (fair, fixed in config): ``diet_ray.evaluate.protocol``, the rule
+the ``evaluate`` verb and the quickstart follow too. Nothing of D_{t+1} is used before the final
+test.
 
 Seeds: repetition k uses s_k = derive_seed(seed, "fidelity", k) for its DIET runs, its subsets
 and its candidate initialisations (shared by every variant of that repetition); reference seed
@@ -52,7 +50,7 @@ r uses derive_seed(seed, "reference", r).
 Outputs in OUT: ``results.jsonl`` (kind fidelity_train | fidelity | popularity | distill_cost),
 ``summary.json``, ``table.md`` and plots under ``OUT/plots`` (``diet-ray report OUT`` redraws them).
 
-This module holds the protocol (the zoo, the batch rule, the evaluated stages); the parts live in
+This module holds the zoo and the evaluated stages; the parts live in
 ``fidelity_bench`` (the loop and its outputs), ``fidelity_variants`` (the training set of every
 variant, a registry), ``fidelity_runs`` (the DIET runs and their prepared copies),
 ``fidelity_signals`` (the stream expert's influence, embeddings and labels), ``fidelity_cache``
@@ -60,11 +58,8 @@ variant, a registry), ``fidelity_runs`` (the DIET runs and their prepared copies
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-from diet_ray.config import Config, TrainConfig
 from diet_ray.errors import ConfigError
 
 
@@ -88,19 +83,6 @@ def default_zoo() -> List[Dict[str, Any]]:
         {"model": "autoint", "embed_dim": 16, "attn_layers": 2, "heads": 2},
         {"model": "autoint", "embed_dim": 8, "attn_layers": 1, "heads": 1, "lr": 0.005},
     ]
-
-
-def batch_size_for(rows: int, tc: TrainConfig, steps_per_epoch: int, min_batch: int) -> int:
-    """The one batch rule every training set follows (see module docstring)."""
-    return int(min(tc.batch_size, max(min_batch, math.ceil(max(rows, 1) / steps_per_epoch))))
-
-
-def protocol_for(rows: int, cfg: Config, epochs: Optional[int] = None) -> TrainConfig:
-    """``evaluate.train`` with the batch rule applied; ``epochs`` (memory epochs) replaces its
-    epochs for a budget set, full history keeps them."""
-    tc = cfg.evaluate.train
-    tc = dataclasses.replace(tc, batch_size=batch_size_for(rows, tc, cfg.bench.steps_per_epoch, cfg.bench.min_batch))
-    return tc if epochs is None else dataclasses.replace(tc, epochs=int(epochs))
 
 
 def eval_stages(num_stages: int, count: int) -> List[int]:

@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from diet_ray import layout
-from diet_ray.bench.fidelity import default_zoo, eval_stages, protocol_for
+from diet_ray.bench.fidelity import default_zoo, eval_stages
 from diet_ray.bench.fidelity_cache import CACHE, TrainCache, fingerprint, result_key
 from diet_ray.bench.fidelity_report import order_variants, redraw
 from diet_ray.bench.fidelity_runs import DietRuns, diet_variants
@@ -26,6 +26,7 @@ from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import ConfigError
+from diet_ray.evaluate.protocol import protocol_for
 from diet_ray.evaluate.runner import POPULARITY, Candidate, CandidateRunner, check_candidates, popularity_record
 from diet_ray.memory.addressing import capacity
 from diet_ray.schema import Batch
@@ -64,7 +65,7 @@ class FidelityBench:
             # Without numeric fields the probe would train a second copy of DIET's memory.
             raise ConfigError(f"bench.variants: {', '.join(numeric_probes)} probe numeric features and "
                               f"{cfg.data.source} has none; drop them from bench.variants")
-        self.epochs = [int(e) for e in dict.fromkeys(cfg.bench.memory_epochs)]
+        self.epochs = [int(e) for e in dict.fromkeys(cfg.bench.memory_epochs or [cfg.evaluate.memory_epochs])]
         self.reference: Dict[int, Reference] = {}
         self.extra_runs = [DietMemory(name, changes) for name, changes in diet_variants(cfg).items()]
         self.runs = DietRuns(cfg, self.store, out, max(self.stages), verbose)
@@ -101,12 +102,10 @@ class FidelityBench:
         todo = [c for c in self.cands if self.cache.get(keys[c.name]) is None]
         if todo:
             runner = self.runner()
-            # The runner trains with cfg.evaluate.train: hand it this set's protocol.
-            runner.cfg = dataclasses.replace(self.cfg, evaluate=dataclasses.replace(self.cfg.evaluate, train=tc))
             seeds = [derive_seed(seed, "candidate", t, c.name) for c in todo]
             tag = variant if epochs is None else f"{variant} {budget} E{epochs}"
             t0 = time.perf_counter()
-            res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {tag}")
+            res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {tag}", tc=tc)
             part = "train_reference_s" if variant in (REFERENCE, FULL) else "train_sets_s"
             self.train_s[part] += time.perf_counter() - t0
             self.cache.add([{**base, **r, "candidate": c.name, "model": c.model, "key": keys[c.name]} for c, r in zip(todo, res)])

@@ -66,8 +66,10 @@ def validate(cfg: Config) -> None:
         one_of("bench.variants[]", v, FIDELITY_VARIANTS + MEMORY_PROBES)
     for b in cfg.bench.budgets:
         in_range("bench.budgets[]", b, 1e-6, 1.0)
-    if not cfg.bench.memory_epochs or any(int(e) < 1 for e in cfg.bench.memory_epochs):
+    if any(int(e) < 1 for e in cfg.bench.memory_epochs):
         raise ConfigError(f"bench.memory_epochs={list(cfg.bench.memory_epochs)} must list epochs >= 1, e.g. [1, 3, 10]")
+    if cfg.evaluate.memory_epochs < 1:
+        raise ConfigError(f"evaluate.memory_epochs={cfg.evaluate.memory_epochs} must be >= 1")
     one_of("bench.coreset", cfg.bench.coreset, ("kcenter", "herding"))
     one_of("bench.static_outer_steps", cfg.bench.static_outer_steps, ("matched", "same"))
     for key in ("fidelity_stages", "seeds", "reference_seeds", "steps_per_epoch", "min_batch", "expert_vocab_small",

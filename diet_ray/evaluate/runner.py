@@ -16,12 +16,13 @@ import torch
 from tqdm import tqdm
 
 from diet_ray import layout
-from diet_ray.config import Config, config_hash, derive_seed
+from diet_ray.config import Config, TrainConfig, config_hash, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import ConfigError, DietRayError, RunStateError
 from diet_ray.evaluate import metrics
 from diet_ray.evaluate.baselines import fit_popularity
+from diet_ray.evaluate.protocol import memory_protocol, protocol_for
 from diet_ray.evaluate.train import train_candidate
 from diet_ray.models.registry import build_model, candidate_name, split_candidate
 from diet_ray.schema import Batch, InputSpec
@@ -114,20 +115,23 @@ class CandidateRunner:
 
         return ray.put(batch)
 
-    def run(self, jobs: List[Candidate], seeds: List[int], train_ref: Any, test_ref: Any, desc: str) -> List[Dict[str, Any]]:
+    def run(self, jobs: List[Candidate], seeds: List[int], train_ref: Any, test_ref: Any, desc: str,
+            tc: Optional[TrainConfig] = None) -> List[Dict[str, Any]]:
+        """Train ``jobs`` on ``train_ref`` with ``tc`` (None: ``evaluate.train``) and test them."""
+        tc = tc or self.cfg.evaluate.train
         bar = tqdm(total=len(jobs), desc=desc, leave=False, file=sys.stderr, disable=None)
         try:
             if self.parallel:
-                return self._run_ray(jobs, seeds, train_ref, test_ref, bar.update)
+                return self._run_ray(jobs, seeds, train_ref, test_ref, tc, bar.update)
             out = []
             for job, seed in zip(jobs, seeds):
-                out.append(train_candidate(job.spec, self.spec, train_ref, test_ref, self.cfg.evaluate.train, seed, self.device))
+                out.append(train_candidate(job.spec, self.spec, train_ref, test_ref, tc, seed, self.device))
                 bar.update()
             return out
         finally:
             bar.close()
 
-    def _run_ray(self, jobs, seeds, train_ref, test_ref, tick: Callable[[], Any]) -> List[Dict[str, Any]]:
+    def _run_ray(self, jobs, seeds, train_ref, test_ref, tc: TrainConfig, tick: Callable[[], Any]) -> List[Dict[str, Any]]:
         import ray
         from ray.exceptions import RayTaskError
 
@@ -145,7 +149,7 @@ class CandidateRunner:
         task = ray.remote(train_candidate).options(**opts)
         threads = max(1, int(cpus))
         pending = {
-            task.remote(job.spec, self.spec, train_ref, test_ref, self.cfg.evaluate.train, seed, device, threads): i
+            task.remote(job.spec, self.spec, train_ref, test_ref, tc, seed, device, threads): i
             for i, (job, seed) in enumerate(zip(jobs, seeds))
         }
         results: List[Optional[Dict[str, Any]]] = [None] * len(jobs)
@@ -196,9 +200,11 @@ def evaluate(cfg: Config, verbose: bool = False) -> List[Dict[str, Any]]:
         seeds = [derive_seed(cfg.seed, "candidate", t, c.name) for c in cands]
         for variant in variants:
             train = history.batch() if variant == "full" else memories[t]
-            out = runner.run(cands, seeds, runner.put(train), test_ref, desc=f"stage {t} {variant}")
+            tc = protocol_for(len(train), cfg) if variant == "full" else memory_protocol(len(train), cfg)
+            out = runner.run(cands, seeds, runner.put(train), test_ref, desc=f"stage {t} {variant}", tc=tc)
             for c, seed, r in zip(cands, seeds, out):
-                stage_records.append({**base, **r, "candidate": c.name, "model": c.model, "variant": variant, "seed": seed})
+                stage_records.append({**base, **r, "candidate": c.name, "model": c.model, "variant": variant, "seed": seed,
+                                      "batch_size": tc.batch_size, "train_epochs": tc.epochs})
         fs.append_jsonl(layout.results_path(run_dir), stage_records)
         log_stage(t, stage_records)
         records.extend(stage_records)
