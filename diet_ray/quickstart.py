@@ -47,7 +47,7 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     stage, write and print the verdict; returns the verdict record."""
     from diet_ray.data.stages import StageStore
     from diet_ray.distill.pipeline import run
-    from diet_ray.evaluate.protocol import memory_protocol, protocol_for
+    from diet_ray.evaluate.protocol import full_protocol, memory_protocol
     from diet_ray.evaluate.runner import CandidateRunner, check_candidates, check_stages, load_memory_batch
     from diet_ray.bench.subsets import random_subset
 
@@ -73,7 +73,7 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     by_set: Dict[str, Dict[str, Dict[str, Any]]] = {}
     records: List[Dict[str, Any]] = []
     for name, batch in sets.items():
-        tc = protocol_for(len(batch), cfg) if name == "full" else memory_protocol(len(batch), cfg)
+        tc = full_protocol(cfg) if name == "full" else memory_protocol(len(batch), cfg)
         out = runner.run(cands, seeds, runner.put(batch), test_ref, desc=f"stage {t} {name}", tc=tc)
         by_set[name] = {}
         for c, seed, r in zip(cands, seeds, out):

@@ -26,7 +26,7 @@ from diet_ray.config import Config, derive_seed
 from diet_ray.data import fs
 from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import ConfigError
-from diet_ray.evaluate.protocol import protocol_for
+from diet_ray.evaluate.protocol import full_protocol, memory_protocol
 from diet_ray.evaluate.runner import POPULARITY, Candidate, CandidateRunner, check_candidates, popularity_record
 from diet_ray.memory.addressing import capacity
 from diet_ray.schema import Batch
@@ -93,7 +93,7 @@ class FidelityBench:
                   extra: Dict[str, Any], epochs: Optional[int] = None) -> Dict[str, Dict[str, Any]]:
         """Train every candidate on ``train`` (cached) for ``epochs`` (None: full history's
         protocol); returns {candidate: record}."""
-        tc = protocol_for(len(train), self.cfg, epochs)
+        tc = full_protocol(self.cfg) if epochs is None else memory_protocol(len(train), self.cfg, epochs)
         proto = json.dumps(dataclasses.asdict(tc), sort_keys=True)
         base = {"kind": "fidelity_train", "variant": variant, "budget": budget, "epochs": epochs, "train_epochs": tc.epochs,
                 "seed_index": k, "seed": seed, "stage": t, "test_stage": t + 1, "batch_size": tc.batch_size, **extra}
@@ -216,7 +216,7 @@ class FidelityBench:
                 **dataclasses.asdict(self.cfg.evaluate.train),
                 "steps_per_epoch": self.cfg.bench.steps_per_epoch,
                 "min_batch": self.cfg.bench.min_batch,
-                "rule": "batch = clamp(ceil(N / steps_per_epoch), min_batch, batch_size); same epochs, lr, optimiser for every variant",
+                "rule": "full history: evaluate.train; every budget set of N rows: batch = clamp(ceil(N / steps_per_epoch), min_batch, batch_size), memory_epochs; same lr and optimiser for every variant",
             },
         }
         summary = summarize(lines, meta)

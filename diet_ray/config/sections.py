@@ -302,8 +302,9 @@ class BenchConfig:
     # memory and distill keys (e.g. {no_replace: {memory.replace_frac: 0.0}}), paired like ablations.
     diet_variants: Dict[str, Any] = field(default_factory=dict)
     zoo: Optional[List[Any]] = None  # candidates; None: diet_ray.bench.fidelity.default_zoo()
-    # Candidate-training protocol, identical for every variant: evaluate.train (epochs, lr,
-    # optimiser), with batch = clamp(ceil(N / steps_per_epoch), min_batch, evaluate.train.batch_size).
+    # Candidate-training protocol, identical for every variant: evaluate.train (lr, optimiser);
+    # full history at its batch, a memory or budget set of N rows in batches of
+    # clamp(ceil(N / steps_per_epoch), min_batch, evaluate.train.batch_size) (diet_ray/evaluate/protocol.py).
     steps_per_epoch: int = 50
     min_batch: int = 16
     coreset: str = "kcenter"  # kcenter | herding

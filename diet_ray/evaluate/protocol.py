@@ -1,12 +1,12 @@
-"""How candidates train on a training set: one rule for full history, a memory and every small
-set the fidelity bench compares.
+"""How candidates train on a training set: full history as configured, a memory (and every set
+of its size the fidelity bench compares) by one rule.
 
-Every set of N rows gets ``evaluate.train`` (optimiser, lr, weight decay, min_steps) with one
-batch rule, batch = clamp(ceil(N / bench.steps_per_epoch), bench.min_batch,
-evaluate.train.batch_size): full history keeps the configured batch, a 1% set gets small
-batches so an epoch still takes about steps_per_epoch optimiser steps (at the configured batch a
-1% memory is one step an epoch). Full history trains ``evaluate.train.epochs`` epochs, a memory
-``evaluate.memory_epochs``; the fidelity bench can sweep the latter (``bench.memory_epochs``).
+Full history trains with ``evaluate.train`` as it stands (epochs, batch, optimiser, lr): what a
+team's own training run does. A memory of N rows trains ``evaluate.memory_epochs`` epochs with
+the same optimiser and lr in batches of clamp(ceil(N / bench.steps_per_epoch), bench.min_batch,
+evaluate.train.batch_size), so an epoch still takes about steps_per_epoch optimiser steps (at
+the configured batch a 1% memory is one step an epoch). The fidelity bench can sweep the
+memory's epochs (``bench.memory_epochs``).
 """
 from __future__ import annotations
 
@@ -18,18 +18,18 @@ from diet_ray.config import Config, TrainConfig
 
 
 def batch_size_for(rows: int, tc: TrainConfig, steps_per_epoch: int, min_batch: int) -> int:
-    """The one batch rule every training set follows."""
+    """A small set's batch: about ``steps_per_epoch`` steps an epoch, within [min_batch, tc.batch_size]."""
     return int(min(tc.batch_size, max(min_batch, math.ceil(max(rows, 1) / steps_per_epoch))))
 
 
-def protocol_for(rows: int, cfg: Config, epochs: Optional[int] = None) -> TrainConfig:
-    """``evaluate.train`` with the batch rule applied; ``epochs`` replaces its epochs (a small
-    set's), None keeps them (full history's)."""
+def full_protocol(cfg: Config) -> TrainConfig:
+    """Full history's protocol: ``evaluate.train`` unchanged."""
+    return cfg.evaluate.train
+
+
+def memory_protocol(rows: int, cfg: Config, epochs: Optional[int] = None) -> TrainConfig:
+    """The protocol of a memory of ``rows`` slots, or of any set of its size: ``epochs`` epochs
+    (None: ``evaluate.memory_epochs``) in the small-set batches."""
     tc = cfg.evaluate.train
     tc = dataclasses.replace(tc, batch_size=batch_size_for(rows, tc, cfg.bench.steps_per_epoch, cfg.bench.min_batch))
-    return tc if epochs is None else dataclasses.replace(tc, epochs=int(epochs))
-
-
-def memory_protocol(rows: int, cfg: Config) -> TrainConfig:
-    """The protocol of a memory (or a set of its size): ``evaluate.memory_epochs`` epochs."""
-    return protocol_for(rows, cfg, cfg.evaluate.memory_epochs)
+    return dataclasses.replace(tc, epochs=int(cfg.evaluate.memory_epochs if epochs is None else epochs))

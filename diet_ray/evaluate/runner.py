@@ -22,7 +22,7 @@ from diet_ray.data.stages import EncodedRows, StageStore
 from diet_ray.errors import ConfigError, DietRayError, RunStateError
 from diet_ray.evaluate import metrics
 from diet_ray.evaluate.baselines import fit_popularity
-from diet_ray.evaluate.protocol import memory_protocol, protocol_for
+from diet_ray.evaluate.protocol import full_protocol, memory_protocol
 from diet_ray.evaluate.train import train_candidate
 from diet_ray.models.registry import build_model, candidate_name, split_candidate
 from diet_ray.schema import Batch, InputSpec
@@ -200,7 +200,7 @@ def evaluate(cfg: Config, verbose: bool = False) -> List[Dict[str, Any]]:
         seeds = [derive_seed(cfg.seed, "candidate", t, c.name) for c in cands]
         for variant in variants:
             train = history.batch() if variant == "full" else memories[t]
-            tc = protocol_for(len(train), cfg) if variant == "full" else memory_protocol(len(train), cfg)
+            tc = full_protocol(cfg) if variant == "full" else memory_protocol(len(train), cfg)
             out = runner.run(cands, seeds, runner.put(train), test_ref, desc=f"stage {t} {variant}", tc=tc)
             for c, seed, r in zip(cands, seeds, out):
                 stage_records.append({**base, **r, "candidate": c.name, "model": c.model, "variant": variant, "seed": seed,
