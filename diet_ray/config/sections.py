@@ -305,7 +305,10 @@ class BenchConfig:
     # Candidate-training protocol, identical for every variant: evaluate.train (lr, optimiser);
     # full history at its batch, a memory or budget set of N rows in batches of
     # clamp(ceil(N / steps_per_epoch), min_batch, evaluate.train.batch_size) (diet_ray/evaluate/protocol.py).
-    steps_per_epoch: int = 50
+    # 200 (was 50): a 16k-slot memory trained 150 steps ranked worse for DIET and uniform rows alike
+    # on two synthetic layouts; memories under 3,200 slots sit at min_batch either way
+    # (docs/results.md, "The candidate protocol's steps").
+    steps_per_epoch: int = 200
     min_batch: int = 16
     coreset: str = "kcenter"  # kcenter | herding
     static_outer_steps: str = "matched"  # matched: distill.outer_steps x (t+1), the staged run's total | same
