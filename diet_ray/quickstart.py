@@ -47,7 +47,6 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     stage, write and print the verdict; returns the verdict record."""
     from diet_ray.data.stages import StageStore
     from diet_ray.distill.pipeline import run
-    from diet_ray.evaluate.protocol import full_protocol, memory_protocol
     from diet_ray.evaluate.runner import CandidateRunner, check_candidates, check_stages, load_memory_batch
     from diet_ray.bench.subsets import random_subset
 
@@ -73,13 +72,9 @@ def quickstart(cfg: Config, verbose: bool = False) -> Dict[str, Any]:
     by_set: Dict[str, Dict[str, Dict[str, Any]]] = {}
     records: List[Dict[str, Any]] = []
     for name, batch in sets.items():
-        tc = full_protocol(cfg) if name == "full" else memory_protocol(len(batch), cfg)
-        out = runner.run(cands, seeds, runner.put(batch), test_ref, desc=f"stage {t} {name}", tc=tc)
-        by_set[name] = {}
-        for c, seed, r in zip(cands, seeds, out):
-            rec = {**base, **r, "candidate": c.name, "model": c.model, "variant": name, "seed": seed, "batch_size": tc.batch_size}
-            by_set[name][c.name] = rec
-            records.append(rec)
+        recs = runner.evaluate_set(cands, seeds, batch, test_ref, name, base, f"stage {t} {name}")
+        by_set[name] = {r["candidate"]: r for r in recs}
+        records.extend(recs)
 
     verdict = make_verdict(by_set, t, len(history), len(memory), run_dir, cfg)
     verdict["plot"] = plot_verdict(verdict, layout.report_path(run_dir, VERDICT_PNG))

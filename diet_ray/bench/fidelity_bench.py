@@ -105,7 +105,7 @@ class FidelityBench:
             seeds = [derive_seed(seed, "candidate", t, c.name) for c in todo]
             tag = variant if epochs is None else f"{variant} {budget} E{epochs}"
             t0 = time.perf_counter()
-            res = runner.run(todo, seeds, runner.put(train), test_ref, desc=f"s{k} t{t} {tag}", tc=tc)
+            res = runner.run(todo, seeds, runner.put(train), test_ref, tc, f"s{k} t{t} {tag}")
             part = "train_reference_s" if variant in (REFERENCE, FULL) else "train_sets_s"
             self.train_s[part] += time.perf_counter() - t0
             self.cache.add([{**base, **r, "candidate": c.name, "model": c.model, "key": keys[c.name]} for c, r in zip(todo, res)])

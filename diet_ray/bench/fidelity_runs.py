@@ -162,12 +162,12 @@ class DietRuns:
     def slots(self, name: str, seed: int, budget: float, groups: Sequence[Sequence[int]], stage: int,
               changes: Dict[str, Any]) -> Tuple[SlotMemory, Dict[str, Any]]:
         """``memory``'s slots before they become a batch (the probes read their rows and supports)."""
-        key = json.dumps([name, seed, budget, [list(g) for g in groups], changes], sort_keys=True, default=str)
-        if key not in self._run_dirs:
+        memo = json.dumps([name, seed, budget, [list(g) for g in groups], changes], sort_keys=True, default=str)
+        if memo not in self._run_dirs:
             t0 = time.perf_counter()
-            self._run_dirs[key] = distill_run(self.cfg, self.store, self.out, name, seed, budget, groups, changes, self.verbose)
+            self._run_dirs[memo] = distill_run(self.cfg, self.store, self.out, name, seed, budget, groups, changes, self.verbose)
             self.distill_s += time.perf_counter() - t0
-        run_dir = self._run_dirs[key]
+        run_dir = self._run_dirs[memo]
         rcfg = copy.deepcopy(self.cfg)
         for key, val in changes.items():
             set_key(rcfg, key, val)

@@ -115,10 +115,9 @@ class CandidateRunner:
 
         return ray.put(batch)
 
-    def run(self, jobs: List[Candidate], seeds: List[int], train_ref: Any, test_ref: Any, desc: str,
-            tc: Optional[TrainConfig] = None) -> List[Dict[str, Any]]:
-        """Train ``jobs`` on ``train_ref`` with ``tc`` (None: ``evaluate.train``) and test them."""
-        tc = tc or self.cfg.evaluate.train
+    def run(self, jobs: List[Candidate], seeds: List[int], train_ref: Any, test_ref: Any, tc: TrainConfig,
+            desc: str) -> List[Dict[str, Any]]:
+        """Train ``jobs`` on ``train_ref`` with ``tc`` and test them."""
         bar = tqdm(total=len(jobs), desc=desc, leave=False, file=sys.stderr, disable=None)
         try:
             if self.parallel:
@@ -130,6 +129,15 @@ class CandidateRunner:
             return out
         finally:
             bar.close()
+
+    def evaluate_set(self, jobs: List[Candidate], seeds: List[int], train: Batch, test_ref: Any, variant: str,
+                     base: Dict[str, Any], desc: str) -> List[Dict[str, Any]]:
+        """``evaluate`` records of every candidate trained on one set: full history (``variant``
+        ``full``) under ``evaluate.train``, any other set under the memory's protocol."""
+        tc = full_protocol(self.cfg) if variant == "full" else memory_protocol(len(train), self.cfg)
+        out = self.run(jobs, seeds, self.put(train), test_ref, tc, desc)
+        return [{**base, **r, "candidate": c.name, "model": c.model, "variant": variant, "seed": seed,
+                 "batch_size": tc.batch_size, "train_epochs": tc.epochs} for c, seed, r in zip(jobs, seeds, out)]
 
     def _run_ray(self, jobs, seeds, train_ref, test_ref, tc: TrainConfig, tick: Callable[[], Any]) -> List[Dict[str, Any]]:
         import ray
@@ -200,11 +208,7 @@ def evaluate(cfg: Config, verbose: bool = False) -> List[Dict[str, Any]]:
         seeds = [derive_seed(cfg.seed, "candidate", t, c.name) for c in cands]
         for variant in variants:
             train = history.batch() if variant == "full" else memories[t]
-            tc = full_protocol(cfg) if variant == "full" else memory_protocol(len(train), cfg)
-            out = runner.run(cands, seeds, runner.put(train), test_ref, desc=f"stage {t} {variant}", tc=tc)
-            for c, seed, r in zip(cands, seeds, out):
-                stage_records.append({**base, **r, "candidate": c.name, "model": c.model, "variant": variant, "seed": seed,
-                                      "batch_size": tc.batch_size, "train_epochs": tc.epochs})
+            stage_records.extend(runner.evaluate_set(cands, seeds, train, test_ref, variant, base, f"stage {t} {variant}"))
         fs.append_jsonl(layout.results_path(run_dir), stage_records)
         log_stage(t, stage_records)
         records.extend(stage_records)
