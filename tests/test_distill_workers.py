@@ -54,6 +54,11 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
     assert flag.exists(), "the injected fault did not fire"
     assert out.metrics["outer_step"] == steps and out.metrics["workers"] == 2
     assert out.metrics["outer_loss_end"] < out.metrics["outer_loss_start"]
+    # Per segment, carried through the fault's resume: the stage's figures are their means.
+    segs = out.metrics["segments"]
+    assert len(segs) == len(states) - 1 and all(s["inner_steps"] >= 1 for s in segs)
+    assert np.mean([s["loss_start"] for s in segs]) == pytest.approx(out.metrics["outer_loss_start"])
+    assert np.mean([s["loss_end"] for s in segs]) == pytest.approx(out.metrics["outer_loss_end"])
 
     merged = validate_shards(out.shards, len(mem), fmap, 0.3, 1.0)
     ref = _one_process(model, states, mem, refine, cfg, stage)

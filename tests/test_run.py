@@ -38,6 +38,8 @@ def _check_run(run_dir: str, stages: int, ratio: float) -> None:
         m = json.loads(open(f"{run_dir}/stages/stage={r['stage']:04d}/metrics.json").read())
         assert m["slots"] <= math.ceil(ratio * m["rows_seen"]) and m["slots"] == m["capacity"]
         assert np.isfinite(m["outer_loss_start"]) and np.isfinite(m["outer_loss_end"])
+        for seg in m["bilevel"]["segments"]:  # the student's steps: the expert's, capped at inner_steps=3
+            assert seg["inner_steps"] == min(3, seg["expert_steps"]) and np.isfinite(seg["loss_end"])
         mem = load_stage_memory(run_dir, r["stage"])
         assert len(mem) == m["slots"] and len(np.unique(mem.slot_id)) == len(mem)
         born_here = mem.slot_id[mem.born_stage == r["stage"]]

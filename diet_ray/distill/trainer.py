@@ -204,7 +204,7 @@ def _gather(result, memory: SlotMemory, assignment, refine_idx, stage: int, stor
     updated.updated_stage[refine_idx] = stage
     metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
         "outer_step", "outer_loss_start", "outer_loss_end", "outer_loss_last_step", "inner_lr", "real_batches", "loop_s",
-        "inner_optimizer", "momentum_share")}
+        "inner_optimizer", "momentum_share", "segments")}
     metrics.update({"workers": workers, "cpus_per_worker": cpus, "fit_s": time.perf_counter() - t0})
     if not workers:
         metrics["in_process"] = True

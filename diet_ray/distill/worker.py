@@ -123,15 +123,22 @@ def train_loop_per_worker(config: Dict[str, BilevelJob]) -> None:
     real = _worker_real_batches(job, rank, world, device)
     distiller = _build_distiller(job, model, shard, trajectory, optim_states, real, rank, world, device)
     del trajectory, optim_states  # the student keeps only its rows of them
-    start_loss = _resume(distiller, job.stage, rank)
+    start = _resume(distiller, job.stage, rank)
     eval_real = real[0] if real else None
-    if start_loss is None:
-        start_loss = distiller.evaluate(eval_real)
-    losses = _outer_steps(distiller, job, real, start_loss, rank)
+    if start is None:
+        start = distiller.segment_losses(eval_real)
+    start_loss = float(np.mean(start))
+    losses = _outer_steps(distiller, job, real, start, rank)
+    end = distiller.segment_losses(eval_real)
+    firsts: List[Optional[float]] = list(start) if len(start) == len(end) else [None] * len(end)
     metrics = {
         "outer_step": distiller.step,
         "outer_loss_start": start_loss,
-        "outer_loss_end": distiller.evaluate(eval_real),
+        "outer_loss_end": float(np.mean(end)),
+        # Per expert segment (the path's first, then the stage's): where the memory's student
+        # gets closer to the expert than not moving (loss < 1) and where it cannot.
+        "segments": [{"expert_steps": distiller.loop.expert_steps(c), "inner_steps": distiller.loop.segment_steps(c)[0],
+                      "loss_start": a, "loss_end": b} for c, (a, b) in enumerate(zip(firsts, end))],
         "outer_loss_last_step": losses[-1] if losses else None,
         "inner_lr": float(distiller.loop.inner_lr().detach()),
         "inner_optimizer": "expert" if distiller.loop.uses_expert_optimiser else "sgd",
@@ -140,7 +147,7 @@ def train_loop_per_worker(config: Dict[str, BilevelJob]) -> None:
         "loop_s": time.perf_counter() - t0,
         "world_size": world,
     }
-    _report(distiller, rank, start_loss, metrics, final=True, local_dir=job.local_dir)
+    _report(distiller, rank, start, metrics, final=True, local_dir=job.local_dir)
 
 
 def _worker_real_batches(job: BilevelJob, rank: int, world: int, device) -> List[Batch]:
@@ -177,9 +184,9 @@ def _build_distiller(job: BilevelJob, model: CTRModel, shard: Any, trajectory: A
     )
 
 
-def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[float]:
+def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[float]]:
     """Load this rank's progress from the checkpoint of a restarted worker group; returns the
-    outer loss measured before the first step, or None on a fresh start."""
+    segments' outer losses measured before the first step, or None on a fresh start."""
     import ray.train
 
     resumed = ray.train.get_checkpoint()
@@ -190,10 +197,12 @@ def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[float]
     distiller.load_state_dict(state["distiller"])
     if rank == 0:
         log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
-    return float(state["outer_loss_start"])
+    if "segment_losses_start" not in state:  # saved before per-segment losses were kept
+        return [float(state["outer_loss_start"])]
+    return [float(v) for v in state["segment_losses_start"]]
 
 
-def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start_loss: float, rank: int) -> List[float]:
+def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start: List[float], rank: int) -> List[float]:
     """The remaining outer steps, reporting progress every ``save_every``; their losses."""
     cfg, stage = job.distill, job.stage
     save_every = max(1, job.save_every)
@@ -209,18 +218,19 @@ def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], 
         if rank == 0 and (step % save_every == 0 or step == cfg.outer_steps):
             progress("stage %d: outer step %d/%d loss %.4f", stage, step, cfg.outer_steps, losses[-1])
         if step % save_every == 0 and step < cfg.outer_steps and not job.local_dir:
-            _report(distiller, rank, start_loss, {"outer_step": step, "outer_loss": losses[-1]}, final=False)
+            _report(distiller, rank, start, {"outer_step": step, "outer_loss": losses[-1]}, final=False)
     return losses
 
 
-def _report(distiller: ShardDistiller, rank: int, start_loss: float, metrics: Dict[str, Any], final: bool,
+def _report(distiller: ShardDistiller, rank: int, start: List[float], metrics: Dict[str, Any], final: bool,
             local_dir: Optional[str] = None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     with contextlib.nullcontext(local_dir) if local_dir else tempfile.TemporaryDirectory() as d:
         if not local_dir:  # progress is for a restarted worker; nothing restarts the local loop
-            torch.save({"distiller": distiller.state_dict(), "outer_loss_start": start_loss}, os.path.join(d, progress_file(rank)))
+            torch.save({"distiller": distiller.state_dict(), "outer_loss_start": float(np.mean(start)),
+                        "segment_losses_start": start}, os.path.join(d, progress_file(rank)))
         if final:
             torch.save(distiller.update().to_state(), os.path.join(d, shard_file(rank)))
         ray.train.report(dict(metrics, final=final), checkpoint=Checkpoint.from_directory(d))

@@ -148,15 +148,19 @@ class ShardDistiller:
         self.step += 1
         return value
 
-    def evaluate(self, real: Optional[Batch] = None) -> float:
-        """The outer loss averaged over every expert segment with fixed minibatches (no update):
-        a deterministic number to compare before and after the outer steps."""
+    def segment_losses(self, real: Optional[Batch] = None) -> List[float]:
+        """The outer loss of each expert segment with fixed minibatches (no update)."""
         tensors = [t.detach() for t in self.slot_tensors(differentiable=False)]
         values = []
         for c in range(len(self.student.traj) - 1):
             shared, local = self.objective.loss(c, tensors, ("eval", c), real, 0)
             values.append(self._global_value(shared, local))
-        return float(np.mean(values))
+        return values
+
+    def evaluate(self, real: Optional[Batch] = None) -> float:
+        """The outer loss averaged over every expert segment with fixed minibatches (no update):
+        a deterministic number to compare before and after the outer steps."""
+        return float(np.mean(self.segment_losses(real)))
 
     # -- results and resume -------------------------------------------------------------------
 

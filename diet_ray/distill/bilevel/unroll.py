@@ -64,6 +64,12 @@ class InnerLoop:
         n_c = min(self.cfg.inner_steps, s_c)
         return n_c, self.adam[c].lr * s_c / n_c
 
+    def expert_steps(self, c: int) -> Optional[int]:
+        """The expert's optimiser steps in segment c (None without its optimiser states)."""
+        if self.adam is None:
+            return None
+        return int(round(self.adam[c + 1].step - self.adam[c].step))
+
     def unroll(self, c: int, tensors: Optional[List[torch.Tensor]], key: Tuple, graph_steps: int,
                view: Optional[StepRows] = None) -> Params:
         """θ_N from θ_c after the segment's inner steps on memory minibatches; the last
