@@ -59,6 +59,7 @@ def test_two_train_workers_equal_one_process_and_resume_after_a_fault(ray_local,
     assert len(segs) == len(states) - 1 and all(s["inner_steps"] >= 1 for s in segs)
     assert np.mean([s["loss_start"] for s in segs]) == pytest.approx(out.metrics["outer_loss_start"])
     assert np.mean([s["loss_end"] for s in segs]) == pytest.approx(out.metrics["outer_loss_end"])
+    assert all(s["match_end"] == pytest.approx(s["loss_end"]) for s in segs)  # real_loss_weight=0: the match alone
 
     merged = validate_shards(out.shards, len(mem), fmap, 0.3, 1.0)
     ref = _one_process(model, states, mem, refine, cfg, stage)

@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -127,18 +127,19 @@ def train_loop_per_worker(config: Dict[str, BilevelJob]) -> None:
     eval_real = real[0] if real else None
     if start is None:
         start = distiller.segment_losses(eval_real)
-    start_loss = float(np.mean(start))
+    start_loss = float(np.mean([v for v, _ in start]))
     losses = _outer_steps(distiller, job, real, start, rank)
     end = distiller.segment_losses(eval_real)
-    firsts: List[Optional[float]] = list(start) if len(start) == len(end) else [None] * len(end)
+    firsts: List[Tuple[Optional[float], Optional[float]]] = list(start) if len(start) == len(end) else [(None, None)] * len(end)
     metrics = {
         "outer_step": distiller.step,
         "outer_loss_start": start_loss,
-        "outer_loss_end": float(np.mean(end)),
-        # Per expert segment (the path's first, then the stage's): where the memory's student
-        # gets closer to the expert than not moving (loss < 1) and where it cannot.
+        "outer_loss_end": float(np.mean([v for v, _ in end])),
+        # Per expert segment (the path's first, then the stage's), the outer loss and its
+        # matching term alone: below 1, the memory's student ends closer to the expert than not moving.
         "segments": [{"expert_steps": distiller.loop.expert_steps(c), "inner_steps": distiller.loop.segment_steps(c)[0],
-                      "loss_start": a, "loss_end": b} for c, (a, b) in enumerate(zip(firsts, end))],
+                      "loss_start": a[0], "loss_end": b[0], "match_start": a[1], "match_end": b[1]}
+                     for c, (a, b) in enumerate(zip(firsts, end))],
         "outer_loss_last_step": losses[-1] if losses else None,
         "inner_lr": float(distiller.loop.inner_lr().detach()),
         "inner_optimizer": "expert" if distiller.loop.uses_expert_optimiser else "sgd",
@@ -184,7 +185,7 @@ def _build_distiller(job: BilevelJob, model: CTRModel, shard: Any, trajectory: A
     )
 
 
-def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[float]]:
+def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[Tuple[float, float]]]:
     """Load this rank's progress from the checkpoint of a restarted worker group; returns the
     segments' outer losses measured before the first step, or None on a fresh start."""
     import ray.train
@@ -198,11 +199,12 @@ def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[f
     if rank == 0:
         log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
     if "segment_losses_start" not in state:  # saved before per-segment losses were kept
-        return [float(state["outer_loss_start"])]
-    return [float(v) for v in state["segment_losses_start"]]
+        return [(float(state["outer_loss_start"]), float("nan"))]
+    return [(float(a), float(b)) for a, b in state["segment_losses_start"]]
 
 
-def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start: List[float], rank: int) -> List[float]:
+def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start: List[Tuple[float, float]],
+                 rank: int) -> List[float]:
     """The remaining outer steps, reporting progress every ``save_every``; their losses."""
     cfg, stage = job.distill, job.stage
     save_every = max(1, job.save_every)
@@ -222,14 +224,14 @@ def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], 
     return losses
 
 
-def _report(distiller: ShardDistiller, rank: int, start: List[float], metrics: Dict[str, Any], final: bool,
+def _report(distiller: ShardDistiller, rank: int, start: List[Tuple[float, float]], metrics: Dict[str, Any], final: bool,
             local_dir: Optional[str] = None) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     with contextlib.nullcontext(local_dir) if local_dir else tempfile.TemporaryDirectory() as d:
         if not local_dir:  # progress is for a restarted worker; nothing restarts the local loop
-            torch.save({"distiller": distiller.state_dict(), "outer_loss_start": float(np.mean(start)),
+            torch.save({"distiller": distiller.state_dict(), "outer_loss_start": float(np.mean([v for v, _ in start])),
                         "segment_losses_start": start}, os.path.join(d, progress_file(rank)))
         if final:
             torch.save(distiller.update().to_state(), os.path.join(d, shard_file(rank)))

@@ -148,19 +148,20 @@ class ShardDistiller:
         self.step += 1
         return value
 
-    def segment_losses(self, real: Optional[Batch] = None) -> List[float]:
-        """The outer loss of each expert segment with fixed minibatches (no update)."""
+    def segment_losses(self, real: Optional[Batch] = None) -> List[Tuple[float, float]]:
+        """(outer loss, its shared term) of each expert segment with fixed minibatches (no
+        update); for trajectory matching the shared term is the normalised distance alone."""
         tensors = [t.detach() for t in self.slot_tensors(differentiable=False)]
         values = []
         for c in range(len(self.student.traj) - 1):
             shared, local = self.objective.loss(c, tensors, ("eval", c), real, 0)
-            values.append(self._global_value(shared, local))
+            values.append((self._global_value(shared, local), float(shared.detach())))
         return values
 
     def evaluate(self, real: Optional[Batch] = None) -> float:
         """The outer loss averaged over every expert segment with fixed minibatches (no update):
         a deterministic number to compare before and after the outer steps."""
-        return float(np.mean(self.segment_losses(real)))
+        return float(np.mean([v for v, _ in self.segment_losses(real)]))
 
     # -- results and resume -------------------------------------------------------------------
 
