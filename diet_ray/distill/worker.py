@@ -123,7 +123,7 @@ def train_loop_per_worker(config: Dict[str, BilevelJob]) -> None:
     real = _worker_real_batches(job, rank, world, device)
     distiller = _build_distiller(job, model, shard, trajectory, optim_states, real, rank, world, device)
     del trajectory, optim_states  # the student keeps only its rows of them
-    start = _resume(distiller, job.stage, rank)
+    start: Optional[List[Tuple[float, Optional[float]]]] = _resume(distiller, job.stage, rank)
     eval_real = real[0] if real else None
     if start is None:
         start = distiller.segment_losses(eval_real)
@@ -185,7 +185,7 @@ def _build_distiller(job: BilevelJob, model: CTRModel, shard: Any, trajectory: A
     )
 
 
-def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[Tuple[float, float]]]:
+def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[Tuple[float, Optional[float]]]]:
     """Load this rank's progress from the checkpoint of a restarted worker group; returns the
     segments' outer losses measured before the first step, or None on a fresh start."""
     import ray.train
@@ -199,11 +199,11 @@ def _resume(distiller: ShardDistiller, stage: int, rank: int) -> Optional[List[T
     if rank == 0:
         log.info("stage %d: resumed bi-level at outer step %d", stage, distiller.step)
     if "segment_losses_start" not in state:  # saved before per-segment losses were kept
-        return [(float(state["outer_loss_start"]), float("nan"))]
+        return [(float(state["outer_loss_start"]), None)]
     return [(float(a), float(b)) for a, b in state["segment_losses_start"]]
 
 
-def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start: List[Tuple[float, float]],
+def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], start: List[Tuple[float, Optional[float]]],
                  rank: int) -> List[float]:
     """The remaining outer steps, reporting progress every ``save_every``; their losses."""
     cfg, stage = job.distill, job.stage
@@ -224,7 +224,7 @@ def _outer_steps(distiller: ShardDistiller, job: BilevelJob, real: List[Batch], 
     return losses
 
 
-def _report(distiller: ShardDistiller, rank: int, start: List[Tuple[float, float]], metrics: Dict[str, Any], final: bool,
+def _report(distiller: ShardDistiller, rank: int, start: List[Tuple[float, Optional[float]]], metrics: Dict[str, Any], final: bool,
             local_dir: Optional[str] = None) -> None:
     import ray.train
     from ray.train import Checkpoint
