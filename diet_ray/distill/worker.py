@@ -231,8 +231,7 @@ def _report(distiller: ShardDistiller, rank: int, start: List[Tuple[float, Optio
 
     with contextlib.nullcontext(local_dir) if local_dir else tempfile.TemporaryDirectory() as d:
         if not local_dir:  # progress is for a restarted worker; nothing restarts the local loop
-            torch.save({"distiller": distiller.state_dict(), "outer_loss_start": float(np.mean([v for v, _ in start])),
-                        "segment_losses_start": start}, os.path.join(d, progress_file(rank)))
+            torch.save({"distiller": distiller.state_dict(), "segment_losses_start": start}, os.path.join(d, progress_file(rank)))
         if final:
             torch.save(distiller.update().to_state(), os.path.join(d, shard_file(rank)))
         ray.train.report(dict(metrics, final=final), checkpoint=Checkpoint.from_directory(d))

@@ -60,7 +60,7 @@ class InnerLoop:
         the segment capped at ``inner_steps``, each lr_expert · S_c / N_c; SGD: (inner_steps, 1)."""
         if self.adam is None:
             return self.cfg.inner_steps, 1.0
-        s_c = max(1, int(round(self.adam[c + 1].step - self.adam[c].step)))
+        s_c = max(1, self.expert_steps(c))
         n_c = min(self.cfg.inner_steps, s_c)
         return n_c, self.adam[c].lr * s_c / n_c
 
