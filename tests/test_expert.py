@@ -109,6 +109,26 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
         ex.path_to(3, 3)
 
 
+def test_an_even_path_spaces_the_whole_trajectory_over_the_saved_checkpoints(tmp_path):
+    ex = StreamExpert(tiny_fmap(), CFG, seed=0, run_dir=str(tmp_path))
+    stages = [ex.train_stage(t, stage_rows(t)) for t in range(3)]
+    current = stages[2].checkpoints
+    path = ex.even_path(2, current, segments=6)
+    # 3 stages x K=3 saved positions; 6 segments pick positions 0, 2, 3, 4, 6, 8, 9: stage 0's
+    # θ_0, its checkpoints 2 and 3, stage 1's 1 and 3, then the current stage's 2 and 3
+    expected = [stages[0].checkpoints[0], stages[0].checkpoints[2], stages[0].checkpoints[3],
+                stages[1].checkpoints[1], stages[1].checkpoints[3], current[2], current[3]]
+    assert len(path) == 7 and path[-1] is current[-1]
+    for got, want in zip(path, expected):
+        assert all(torch.equal(got.state[k], want.state[k]) for k in want.state)
+    steps = [max((int(s["step"]) for s in c.optim["state"].values()), default=0) for c in path]
+    assert steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))
+    # more segments than saved positions: every saved checkpoint once, in order
+    assert len(ex.even_path(2, current, segments=20)) == 10
+    lean = ex.even_path(2, current, segments=6, first_moment=False)
+    assert not any("exp_avg" in st for st in lean[1].optim["state"].values())
+
+
 def test_a_path_loaded_without_the_first_moment_gives_the_student_the_same_adam_state(tmp_path):
     ex = StreamExpert(tiny_fmap(), CFG, seed=0, run_dir=str(tmp_path))
     for t in range(3):

@@ -105,7 +105,8 @@ def test_distilled_memories_are_byte_identical_to_the_recorded_ones(recipe, ray_
 @pytest.mark.ray
 def test_the_bilevel_job_matches_the_path_from_the_initialisation_and_the_stage(ray_local, tmp_path, monkeypatch):
     """``distill.segments=stream`` (the default) hands each stage's job the expert's path from its
-    initialisation (at most K segments) joined to the stage's K; ``stage`` the stage's K only."""
+    initialisation (at most K segments) joined to the stage's K; ``stage`` the stage's K only;
+    ``even`` the whole path to the stage's end in at most 2K segments."""
     import diet_ray.distill.trainer as trainer
 
     real, seen = trainer.fit_stage, []
@@ -116,15 +117,18 @@ def test_the_bilevel_job_matches_the_path_from_the_initialisation_and_the_stage(
         return real(memory, refine_idx, checkpoints, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "fit_stage", spy)
-    for mode in ("stream", "stage"):
+    for mode in ("stream", "stage", "even"):
         seen.append([])
         run(load_config(None, [*TINY, f"distill.segments={mode}", f"run.dir={tmp_path / mode}"]))
-    stream, stage = seen
+    stream, stage, even = seen
     assert [len(s) for s in stage] == [4, 4, 4] and [len(s) for s in stream] == [4, 5, 6]
+    assert [len(s) for s in even] == [4, 7, 7] and even[0] == stage[0]  # (t + 1)·K positions, at most 2K segments
     for t in range(3):
         assert stream[t][-4:] == stage[t]  # the stage's own checkpoints come last
-        assert stream[t][0] == 0  # from the initialisation
-        assert all(a < b for a, b in zip(stream[t], stream[t][1:]))  # one continuous path
+        assert even[t][-1] == stage[t][-1]  # to the stage's end
+        for path in (stream[t], even[t]):
+            assert path[0] == 0  # from the initialisation
+            assert all(a < b for a, b in zip(path, path[1:]))  # one continuous path
 
 
 @pytest.mark.ray

@@ -232,7 +232,9 @@ class DistillConfig:
     distance: str = "balanced"
     # Which expert segments the outer steps sample: stream = the stage's K segments and the
     # expert's path from its initialisation to the stage's start in at most K more (candidates
-    # train from scratch); stage (ablation) = the stage's K segments only (docs/method.md).
+    # train from scratch); even (research option) = the expert's whole path from its
+    # initialisation to the stage's end in 2K segments at even spacing over the saved
+    # checkpoints; stage (ablation) = the stage's K segments only (docs/method.md).
     segments: str = "stream"
     # The architecture whose stream trajectory the outer steps match: a registry model name
     # (trained on the stream beside the expert where the expert is not one), or expert (an

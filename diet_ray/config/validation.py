@@ -36,7 +36,7 @@ def validate(cfg: Config) -> None:
     one_of("distill.inner_optimizer", cfg.distill.inner_optimizer, ("expert", "sgd"))
     one_of("distill.match", cfg.distill.match, ("reachable", "all"))
     one_of("distill.distance", cfg.distill.distance, ("balanced", "pooled"))
-    one_of("distill.segments", cfg.distill.segments, ("stage", "stream"))
+    one_of("distill.segments", cfg.distill.segments, ("stage", "stream", "even"))
     if cfg.distill.expert_grad_scale <= 0 or cfg.distill.inner_lr <= 0:
         raise ConfigError("distill.expert_grad_scale and distill.inner_lr must be > 0 (learn_inner_lr works in log space)")
     one_of("memory.init", cfg.memory.init, MEMORY_INITS)

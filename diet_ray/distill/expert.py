@@ -296,17 +296,33 @@ class StreamExpert:
             sorted({int(round(i * stage / segments)) for i in range(segments + 1)})
         path: List[ExpertCheckpoint] = []
         for b in list(ends)[:-1]:  # boundary b: the start of stage b = the end of stage b - 1
-            s = max(0, b - 1)
-            meta = self._meta(s)
-            if meta is None:
-                raise RunStateError(f"{self.stage_dir(s)}: the expert for stage {s} is missing; "
-                                    f"distill.segments=stream needs every stage before {stage}")
-            ck = meta["checkpoints"][0 if b == 0 else -1]
-            c = self._load_checkpoint(s, int(ck["index"]), float(ck["lr"]))
-            if not first_moment and c.optim is not None:
-                c.optim = _without_first_moment(c.optim)
-            path.append(c)
+            path.append(self._path_checkpoint(max(0, b - 1), 0 if b == 0 else self.K, stage, first_moment))
         return path
+
+    def even_path(self, stage: int, current: List[ExpertCheckpoint], segments: int,
+                  first_moment: bool = True) -> List[ExpertCheckpoint]:
+        """The expert's whole path from its initialisation to the end of ``stage`` in at most
+        ``segments`` segments, their ends at even spacing over the saved checkpoints (K a stage;
+        the stage's own come from ``current``, its K+1 checkpoints). ``first_moment`` as in
+        ``path_to``."""
+        total = (stage + 1) * self.K
+        path: List[ExpertCheckpoint] = []
+        for q in sorted({int(round(j * total / segments)) for j in range(segments + 1)}):
+            s = max(0, q - 1) // self.K  # saved position q: checkpoint q - s·K of stage s (0: θ_0)
+            path.append(current[q - s * self.K] if s == stage else self._path_checkpoint(s, q - s * self.K, stage, first_moment))
+        return path
+
+    def _path_checkpoint(self, s: int, i: int, stage: int, first_moment: bool) -> ExpertCheckpoint:
+        """Checkpoint ``i`` of the saved stage ``s`` for a path to ``stage``."""
+        meta = self._meta(s)
+        if meta is None:
+            raise RunStateError(f"{self.stage_dir(s)}: the expert for stage {s} is missing; "
+                                f"distill.segments needs every stage before {stage}")
+        ck = meta["checkpoints"][i]
+        c = self._load_checkpoint(s, int(ck["index"]), float(ck["lr"]))
+        if not first_moment and c.optim is not None:
+            c.optim = _without_first_moment(c.optim)
+        return c
 
     def _load_checkpoint(self, stage: int, i: int, lr: float) -> ExpertCheckpoint:
         """Checkpoint ``i`` of a saved stage, with its optimiser state where one was saved."""

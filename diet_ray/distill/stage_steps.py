@@ -213,6 +213,10 @@ def refine_slots(run: RunParts, st: StageRun, memory: SlotMemory, plan: AddressP
             # The student's path from its initialisation to this stage's start in at most K
             # segments, then the stage's own K: one continuous trajectory.
             checkpoints = run.student.path_to(st.t, run.student.K, run.cfg.distill.expert_momentum) + list(checkpoints)
+        elif run.cfg.distill.segments == "even" and st.t > 0:
+            # A research option: the whole path to the stage's end, 2K segments of about equal
+            # expert steps (docs/results.md, "An evenly spaced path").
+            checkpoints = run.student.even_path(st.t, list(checkpoints), 2 * run.student.K, run.cfg.distill.expert_momentum)
         result = fit_stage(memory, plan.refine_idx, checkpoints, run.student.cfg.model, run.store.ray_dataset(st.t),
                            run.store.fmap, run.cfg, st.t, run.run_dir)
         return result.shards, result.metrics
