@@ -215,7 +215,7 @@ def refine_slots(run: RunParts, st: StageRun, memory: SlotMemory, plan: AddressP
             checkpoints = run.student.path_to(st.t, run.student.K, run.cfg.distill.expert_momentum) + list(checkpoints)
         elif run.cfg.distill.segments == "even" and st.t > 0:
             # A research option: the whole path to the stage's end, 2K segments of about equal
-            # expert steps (docs/results.md, "An evenly spaced path").
+            # expert steps (docs/results.md, tenth session: an option, not the default).
             checkpoints = run.student.even_path(st.t, list(checkpoints), 2 * run.student.K, run.cfg.distill.expert_momentum)
         result = fit_stage(memory, plan.refine_idx, checkpoints, run.student.cfg.model, run.store.ray_dataset(st.t),
                            run.store.fmap, run.cfg, st.t, run.run_dir)
