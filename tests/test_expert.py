@@ -35,6 +35,11 @@ def stage_rows(stage: int, n: int = 1200) -> EncodedRows:
 CFG = ExpertConfig(model={"model": "dnn", "embed_dim": 4, "hidden": [8]}, lr=0.01, batch_size=64, checkpoints_per_stage=3, holdout_frac=0.1)
 
 
+def optimiser_steps(checkpoints) -> list:
+    """The expert optimiser's step count at each checkpoint."""
+    return [max((int(st["step"]) for st in c.optim["state"].values()), default=0) for c in checkpoints]
+
+
 def ref_loss(expert: StreamExpert, state, rows: EncodedRows) -> float:
     m = expert.build_model()
     m.load_state_dict(state)
@@ -97,7 +102,7 @@ def test_path_to_a_stage_runs_from_the_initialisation_through_each_stage_end(tmp
         assert got.optim is not None and got.optim["state"].keys() == want.optim["state"].keys()
     # the path and the stage's checkpoints join up: the optimiser's step count grows along them
     joined = path + stages[2].checkpoints
-    steps = [max((int(s["step"]) for s in c.optim["state"].values()), default=0) for c in joined]
+    steps = optimiser_steps(joined)
     assert steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))
     # coarsened to one segment: the initialisation only, then the stage
     coarse = ex.path_to(2, segments=1)
@@ -121,7 +126,7 @@ def test_an_even_path_spaces_the_whole_trajectory_over_the_saved_checkpoints(tmp
     assert len(path) == 7 and path[-1] is current[-1]
     for got, want in zip(path, expected):
         assert all(torch.equal(got.state[k], want.state[k]) for k in want.state)
-    steps = [max((int(s["step"]) for s in c.optim["state"].values()), default=0) for c in path]
+    steps = optimiser_steps(path)
     assert steps[0] == 0 and all(a < b for a, b in zip(steps, steps[1:]))
     # more segments than saved positions: every saved checkpoint once, in order
     assert len(ex.even_path(2, current, segments=20)) == 10

@@ -308,8 +308,9 @@ class StreamExpert:
         total = (stage + 1) * self.K
         path: List[ExpertCheckpoint] = []
         for q in sorted({int(round(j * total / segments)) for j in range(segments + 1)}):
-            s = max(0, q - 1) // self.K  # saved position q: checkpoint q - s·K of stage s (0: θ_0)
-            path.append(current[q - s * self.K] if s == stage else self._path_checkpoint(s, q - s * self.K, stage, first_moment))
+            s = max(0, q - 1) // self.K  # saved position q: checkpoint i of stage s (0: θ_0)
+            i = q - s * self.K
+            path.append(current[i] if s == stage else self._path_checkpoint(s, i, stage, first_moment))
         return path
 
     def _path_checkpoint(self, s: int, i: int, stage: int, first_moment: bool) -> ExpertCheckpoint:
